@@ -1,0 +1,376 @@
+"""Batched generation over one base model and its block bank.
+
+One batch may mix rows of different characters (and of the zero gate, the base model).
+Rows are left-padded, share one KV cache, carry their own positions, sampling settings and
+random generator, and stop independently: a finished row leaves the batch at once and its
+KV rows are dropped. `DecodeBatch.add` may be called between decode steps: the new rows are
+prefilled on their own and their KV cache is merged (left-padded) into the running one, so a
+worker can do continuous batching.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from neeko.errors import GenerationError
+from neeko.lora import Gate, LoRABank, Routing
+from neeko.model import LoadedModel
+
+FinishReason = Literal["eos", "stop", "length"]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row picks its tokens."""
+
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens."""
+    temperature: float = 0.7
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling mass, in (0, 1]."""
+    seed: int | None = None
+    """Seed of this row's generator; None draws a fresh one."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the reply (not included in it)."""
+    ignore_eos: bool = False
+    """Keep going past end-of-turn tokens (benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop strings must be non-empty strings")
+
+
+@dataclass
+class GenerationRequest:
+    """One row: chat messages, the block gate to apply, and sampling settings."""
+
+    messages: Sequence[Mapping[str, str]]
+    gate: Gate | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    on_text: Callable[[str], None] | None = None
+    """Called with each new piece of reply text as it becomes final (streaming)."""
+    adapter: str | None = None
+    """Name of an external adapter, for engines that route by name (benchmarks)."""
+
+
+@dataclass
+class GenerationResult:
+    """The reply of one row, with its token counts and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    """Seconds from admission to the first token."""
+    total_s: float
+    """Seconds from admission to the last token."""
+
+
+class _Row:
+    """Mutable state of one request inside a DecodeBatch."""
+
+    def __init__(self, index: int, request: GenerationRequest, prompt: list[int]) -> None:
+        self.index, self.request, self.prompt = index, request, prompt
+        self.sampling = request.sampling
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.text = ""
+        self.finish: FinishReason | None = None
+        self.t0 = time.perf_counter()
+        self.t_first = self.t_last = 0.0
+        seed = self.sampling.seed
+        self.generator = torch.Generator().manual_seed(
+            seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        )
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            token_ids=list(self.tokens),
+            finish_reason=self.finish or "length",
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.tokens),
+            ttft_s=self.t_first - self.t0,
+            total_s=self.t_last - self.t0,
+        )
+
+
+class Engine:
+    """Runs generation requests on a base model with an optional block bank."""
+
+    def __init__(self, loaded: LoadedModel, bank: LoRABank | None = None) -> None:
+        """Serve `loaded` (model + tokenizer); `bank` is the block bank wrapped into it."""
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.bank = bank
+        self.device = loaded.device
+        config_eos = self.model.generation_config.eos_token_id
+        eos = config_eos if isinstance(config_eos, list) else [config_eos]
+        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = next(iter(self.eos_ids), 0)
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def render(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of `messages` in the model's chat template, ready for the reply."""
+        if not messages:
+            raise GenerationError("a request needs at least one message")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise GenerationError(
+                    f"message {i} must have role in {ROLES} and string content, got {dict(m)!r}"
+                )
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run all requests as one batch; results come back in request order."""
+        batch = DecodeBatch(self)
+        batch.add(requests)
+        while batch.step():
+            pass
+        return [batch.results[i] for i in range(len(requests))]
+
+    # Hooks a subclass may override to route rows another way (e.g. PEFT adapter names).
+
+    def make_routing(self, rows: Sequence[_Row]) -> Routing | None:
+        """Routing for `rows` (None when the batch uses no block)."""
+        if self.bank is None:
+            if any(r.request.gate for r in rows):
+                raise GenerationError("this engine has no block bank, so gates must be empty")
+            return None
+        return self.bank.routing([r.request.gate for r in rows])
+
+    def select_routing(self, routing: Any, keep: Tensor, rows: Sequence[_Row]) -> Any:
+        """Routing for the rows kept by `keep` (indices into the current batch)."""
+        return None if routing is None else routing.select_rows(keep)
+
+    def merge_routing(self, old: Any, new: Any, rows: Sequence[_Row]) -> Any:
+        """Routing for the concatenation of two batches' rows."""
+        return self.make_routing(rows)
+
+    def forward(self, routing: Any, **inputs: Any) -> Tensor:
+        """Last-position logits (batch, vocab) for `inputs` under `routing`."""
+        if routing is None or self.bank is None:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        with self.bank.route(routing):
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+class DecodeBatch:
+    """Rows decoding together: one shared KV cache, rows join and leave between steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.results: dict[int, GenerationResult] = {}
+        self.cache: DynamicCache | None = None
+        self.mask: Tensor | None = None  # (batch, kv_len) 1 = real token
+        self.positions: Tensor | None = None  # (batch,) position of the pending token
+        self.pending: Tensor | None = None  # (batch,) sampled token not yet in the cache
+        self.routing: Any = None
+        self._next_index = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[GenerationRequest]) -> list[int]:
+        """Prefill `requests` and merge them into the batch; returns their result indices."""
+        eng = self.engine
+        prompts = [eng.render(r.messages) for r in requests]
+        for r, p in zip(requests, prompts, strict=True):
+            if len(p) + r.sampling.max_new_tokens > eng.max_positions:
+                raise GenerationError(
+                    f"prompt of {len(p)} tokens + {r.sampling.max_new_tokens} new tokens exceeds "
+                    f"the model's {eng.max_positions} positions"
+                )
+        rows = [_Row(self._next_index + i, r, p) for i, (r, p) in enumerate(zip(requests, prompts, strict=True))]
+        routing = eng.make_routing(rows)  # checks gates before any state changes
+        self._next_index += len(rows)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), width), eng.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(eng.device), mask.to(eng.device)
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = eng.forward(routing, input_ids=ids, attention_mask=mask,
+                             position_ids=positions, past_key_values=cache)
+        pending = self._sample(logits, rows)
+        indices = [r.index for r in rows]
+        keep = self._record(rows, pending.tolist())
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, dtype=torch.long, device=eng.device)
+            cache.batch_select_indices(idx)
+            rows = [rows[i] for i in keep]
+            mask, positions, pending = mask[idx], positions[idx], pending[idx]
+            routing = eng.select_routing(routing, idx, rows) if rows else None
+        if rows:
+            self._merge(rows, cache, mask, positions[:, -1] + 1, pending, routing)
+        return indices
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Decode one token for every row; returns whether any row is still running."""
+        if not self.rows:
+            return False
+        assert self.mask is not None and self.positions is not None and self.pending is not None
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        logits = self.engine.forward(
+            self.routing,
+            input_ids=self.pending[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+        )
+        self.positions = self.positions + 1
+        self.pending = self._sample(logits, self.rows)
+        keep = self._record(self.rows, self.pending.tolist())
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+        return bool(self.rows)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _sample(self, logits: Tensor, rows: Sequence[_Row]) -> Tensor:
+        logits = logits.float()
+        out = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            s = row.sampling
+            if s.temperature == 0:
+                continue
+            probs = torch.softmax(logits[i] / s.temperature, dim=-1).cpu()
+            if s.top_p < 1:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(0) - sorted_p > s.top_p
+                probs[order[drop]] = 0
+            out[i] = torch.multinomial(probs, 1, generator=row.generator).item()
+        return out
+
+    def _record(self, rows: Sequence[_Row], tokens: list[int]) -> list[int]:
+        """Record each row's new token and stream its text; returns the rows still running."""
+        eos = self.engine.eos_ids
+        now = time.perf_counter()
+        keep = []
+        for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
+            if not row.tokens and row.t_first == 0.0:
+                row.t_first = now
+            row.t_last = now
+            if tok in eos and not row.sampling.ignore_eos:
+                row.finish = "eos"
+            else:
+                row.tokens.append(tok)
+                self._update_text(row)
+                if row.finish is None and len(row.tokens) >= row.sampling.max_new_tokens:
+                    row.finish = "length"
+            if row.finish is None:
+                keep.append(i)
+            else:
+                self._flush(row, final=True)
+                self.results[row.index] = row.result()
+        return keep
+
+    def _update_text(self, row: _Row) -> None:
+        text = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        for stop in row.sampling.stop:
+            at = text.find(stop, max(0, len(row.sent) - len(stop)))
+            if at >= 0:
+                text, row.finish = text[:at], "stop"
+        row.text = text
+        if row.finish is None:
+            self._flush(row, final=False)
+
+    def _flush(self, row: _Row, final: bool) -> None:
+        """Stream the part of the text that can no longer change."""
+        end = len(row.text)
+        if not final:
+            if row.text.endswith("\ufffd"):  # an incomplete multi-byte character
+                end -= 1
+            for stop in row.sampling.stop:  # hold back a possible start of a stop string
+                for n in range(min(len(stop) - 1, end), 0, -1):
+                    if row.text[:end].endswith(stop[:n]):
+                        end -= n
+                        break
+        if end > len(row.sent) and row.request.on_text is not None:
+            row.request.on_text(row.text[len(row.sent):end])
+        row.sent = row.text[:end]
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.pending = self.routing = None
+            return
+        idx = torch.tensor(keep, device=self.engine.device)
+        assert self.cache is not None and self.mask is not None and self.pending is not None
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pending = self.mask[idx], self.pending[idx]
+        self.positions = self.positions[idx] if self.positions is not None else None
+        self.routing = self.engine.select_routing(self.routing, idx, self.rows)
+        self._trim_left()
+
+    def _trim_left(self) -> None:
+        """Drop KV columns that are padding for every remaining row."""
+        assert self.mask is not None and self.cache is not None
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start == 0:
+            return
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: Tensor, positions: Tensor,
+               pending: Tensor, routing: Any) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            self.positions, self.pending, self.routing = positions, pending, routing
+            return
+        assert self.cache is not None and self.mask is not None
+        assert self.positions is not None and self.pending is not None
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.pending = torch.cat([self.pending, pending])
+        self.rows = self.rows + rows
+        self.routing = self.engine.merge_routing(self.routing, routing, self.rows)
+
+
+def _pad_left(t: Tensor, width: int, dim: int) -> Tensor:
+    """Zero-pad `t` on the left of `dim` up to `width`."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
