@@ -1,0 +1,1 @@
+"""Discord front end: thin discord.py cogs over `neeko.chat.ChatService`."""

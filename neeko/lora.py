@@ -283,13 +283,18 @@ class LoRABank(nn.Module):
 
     # -- blocks ------------------------------------------------------------------------
 
-    def add_blocks(self, n: int = 1, init: Literal["zeros", "lora", "random"] = "lora",
-                   generator: torch.Generator | None = None) -> list[int]:
+    def add_blocks(
+        self,
+        n: int = 1,
+        init: Literal["zeros", "lora", "random"] = "lora",
+        generator: torch.Generator | None = None,
+        b_scale: float = 1.0,
+    ) -> list[int]:
         """Append `n` blocks and return their indices.
 
-        `lora` initialises A like a LoRA (Kaiming-uniform) and B to zero, so a new block
-        starts as the base model; `random` draws both (for tests and benchmarks).
-        Existing blocks are not touched.
+        `lora` initialises A uniformly with std ~ 1/sqrt(3 d_in) and B to zero, so a new
+        block starts as the base model; `random` also draws B (times `b_scale`), for tests
+        and benchmarks. Existing blocks are not touched.
         """
         start = self.n_blocks
         for layer in self.layers.values():
@@ -300,7 +305,7 @@ class LoRABank(nn.Module):
             layer.A[start : start + n] = a / math.sqrt(layer.in_features)
             if init == "random":
                 b = torch.empty(n, *layer.B.shape[1:]).uniform_(-1, 1, generator=generator)
-                layer.B[start : start + n] = b / math.sqrt(layer.rank)
+                layer.B[start : start + n] = b * (b_scale / math.sqrt(layer.rank))
         return list(range(start, start + n))
 
     def get_block(self, k: int) -> dict[str, tuple[Tensor, Tensor]]:

@@ -52,6 +52,8 @@ class TinyConfig:
     """Query heads (head dim = hidden_size / heads)."""
     num_key_value_heads: int = 2
     """Key/value heads (grouped-query attention, as in SmolLM2)."""
+    init_std: float = 0.2
+    """Std of the random weights; larger than usual so greedy outputs vary from token to token."""
     seed: int = 0
     """Seed of the random initialisation, so every `tiny` load is the same model."""
 
@@ -141,6 +143,7 @@ def tiny_model(vocab_size: int, cfg: TinyConfig) -> LlamaForCausalLM:
         num_key_value_heads=cfg.num_key_value_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        initializer_range=cfg.init_std,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,

@@ -1,0 +1,236 @@
+"""Batched generation: rows are independent of their batch, stop on their own, stream exactly."""
+
+import pytest
+
+from neeko import model as neeko_model
+from neeko.engine import DecodeBatch, Engine, GenerationRequest, SamplingParams
+from neeko.errors import GateError, GenerationError
+
+SHORT = "Hi"
+MEDIUM = "Who are you, and where do you come from?"
+LONG = "Tell me a long story about a dragon and a knight who slowly become friends over many years."
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def greedy(n: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def alone(engine: Engine, request: GenerationRequest) -> list[int]:
+    (result,) = engine.generate([request])
+    return result.token_ids
+
+
+def run(batch: DecodeBatch) -> None:
+    while batch.step():
+        pass
+
+
+def test_mixed_batch_rows_equal_rows_alone(tiny, engine):
+    requests = [
+        GenerationRequest(user(SHORT), gate={0: 1.0}, sampling=greedy()),
+        GenerationRequest(user(LONG), gate={1: 0.5, 3: 0.3, 5: 0.2}, sampling=greedy()),
+        GenerationRequest(user(MEDIUM), gate=None, sampling=greedy()),
+        GenerationRequest(user(SHORT), gate={2: 1.0}, sampling=greedy()),
+    ]
+    assert len({len(engine.render(r.messages)) for r in requests}) == 3  # left padding happens
+    results = engine.generate(requests)
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
+        assert res.token_ids == alone(engine, req), f"row {i}"
+        assert len(res.token_ids) == 12
+    assert results[0].token_ids != results[3].token_ids  # the gate matters
+    base = Engine(neeko_model.load("tiny", device="cpu"))  # the zero gate is the base model
+    assert results[2].token_ids == alone(base, requests[2])
+
+
+def test_rows_stop_independently_and_come_back_in_order(engine):
+    lengths = [9, 1, 5, 3]
+    texts = [MEDIUM, SHORT, LONG, SHORT]
+    requests = [
+        GenerationRequest(user(t), gate={i: 1.0}, sampling=greedy(n))
+        for i, (t, n) in enumerate(zip(texts, lengths, strict=True))
+    ]
+    results = engine.generate(requests)
+    assert [r.completion_tokens for r in results] == lengths
+    assert [len(r.token_ids) for r in results] == lengths
+    assert [r.finish_reason for r in results] == ["length"] * 4
+    assert [r.prompt_tokens for r in results] == [len(engine.render(user(t))) for t in texts]
+    for req, res in zip(requests, results, strict=True):
+        assert res.token_ids == alone(engine, req)
+        assert 0 < res.ttft_s <= res.total_s
+        assert res.text == engine.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+
+
+def test_eos_ends_a_row_and_is_not_returned(engine):
+    request = GenerationRequest(user(MEDIUM), gate={1: 1.0}, sampling=greedy(12))
+    tokens = alone(engine, request)
+    cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+    engine.eos_ids = {tokens[cut]}
+    result = engine.generate(
+        [
+            GenerationRequest(
+                user(MEDIUM), gate={1: 1.0}, sampling=SamplingParams(12, temperature=0.0)
+            )
+        ]
+    )[0]
+    assert result.token_ids == tokens[:cut]
+    assert result.finish_reason == "eos"
+    assert alone(engine, request) == tokens  # ignore_eos keeps going
+
+
+def _generate_streamed(engine: Engine, stop: tuple[str, ...]):
+    pieces: list[str] = []
+    request = GenerationRequest(
+        user(MEDIUM), gate={0: 0.6, 4: 0.4}, sampling=greedy(20, stop=stop), on_text=pieces.append
+    )
+    (result,) = engine.generate([request])
+    return result, pieces
+
+
+def test_streaming_without_stop_concatenates_to_text(engine):
+    result, pieces = _generate_streamed(engine, ())
+    assert len(pieces) > 1
+    assert "".join(pieces) == result.text
+    assert result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("start", [3, 10, 25])
+def test_stop_string_truncates_text_and_stream(engine, start):
+    full, _ = _generate_streamed(engine, ())
+    stop = full.text[start : start + 4]
+    cut = full.text.find(stop)
+    assert cut > 0  # the stop string occurs after the start of the reply
+    result, pieces = _generate_streamed(engine, (stop,))
+    assert result.text == full.text[:cut]
+    assert result.finish_reason == "stop"
+    assert result.token_ids == full.token_ids[: len(result.token_ids)]
+    assert len(result.token_ids) < len(full.token_ids)
+    assert "".join(pieces) == result.text
+
+
+def test_stop_string_prefix_that_never_completes_is_streamed(engine):
+    """A held-back partial match of a stop string is released when the match fails."""
+    full, _ = _generate_streamed(engine, ())
+    result, pieces = _generate_streamed(engine, (full.text[5:9] + "\x00",))
+    assert result.text == full.text
+    assert result.finish_reason == "length"
+    assert "".join(pieces) == full.text
+
+
+@pytest.mark.parametrize("joiner", [SHORT, LONG])
+def test_continuous_batching_add_between_steps(engine, joiner):
+    first = GenerationRequest(user(MEDIUM), gate={0: 1.0}, sampling=greedy(10))
+    second = GenerationRequest(user(joiner), gate={2: 0.7, 3: 0.3}, sampling=greedy(8))
+    batch = DecodeBatch(engine)
+    assert batch.add([first]) == [0]
+    for _ in range(3):
+        assert batch.step()
+    assert batch.add([second]) == [1]
+    assert len(batch) == 2
+    run(batch)
+    assert len(batch) == 0
+    assert batch.results[0].token_ids == alone(engine, first)
+    assert batch.results[1].token_ids == alone(engine, second)
+
+
+def test_continuous_batching_add_after_rows_finished(engine):
+    quick = GenerationRequest(user(SHORT), gate={1: 1.0}, sampling=greedy(2))
+    slow = GenerationRequest(user(LONG), gate=None, sampling=greedy(14))
+    late = GenerationRequest(user(MEDIUM), gate={4: 1.0}, sampling=greedy(6))
+    last = GenerationRequest(user(SHORT), gate={5: 1.0}, sampling=greedy(3))
+    batch = DecodeBatch(engine)
+    assert batch.add([quick, slow]) == [0, 1]
+    while 0 not in batch.results:
+        assert batch.step()
+    assert len(batch) == 1
+    assert batch.add([late]) == [2]
+    run(batch)
+    assert batch.add([last]) == [3]  # into an empty batch
+    run(batch)
+    for i, req in enumerate([quick, slow, late, last]):
+        assert batch.results[i].token_ids == alone(engine, req), f"row {i}"
+
+
+def test_same_seed_same_sample(engine):
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=seed)
+        return alone(engine, GenerationRequest(user(MEDIUM), gate={0: 1.0}, sampling=params))
+
+    assert sample(123) == sample(123)
+    assert sample(123) != sample(124)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "bot", "content": "hi"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+    ],
+    ids=["empty", "bad role", "no content", "content not str"],
+)
+def test_bad_messages_raise(engine, messages):
+    with pytest.raises(GenerationError, match="message"):
+        engine.generate([GenerationRequest(messages)])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_sampling_params_raise(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_plus_new_tokens_over_context_raises(engine):
+    n = engine.max_positions - len(engine.render(user(MEDIUM))) + 1
+    with pytest.raises(GenerationError, match="exceeds"):
+        engine.generate([GenerationRequest(user(MEDIUM), sampling=greedy(n))])
+    (ok,) = engine.generate([GenerationRequest(user(MEDIUM), sampling=greedy(1))])
+    assert ok.completion_tokens == 1
+
+
+def test_gate_without_bank_raises(tiny):
+    engine = Engine(tiny)
+    with pytest.raises(GenerationError, match="no block bank"):
+        engine.generate([GenerationRequest(user(SHORT), gate={0: 1.0}, sampling=greedy(2))])
+    (ok,) = engine.generate([GenerationRequest(user(SHORT), gate=None, sampling=greedy(2))])
+    assert ok.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (GenerationRequest([], sampling=greedy(2)), GenerationError),
+        (GenerationRequest(user(SHORT), gate={9: 1.0}, sampling=greedy(2)), GateError),
+        (GenerationRequest(user(SHORT), sampling=greedy(5000)), GenerationError),
+    ],
+    ids=["empty messages", "missing block", "too long"],
+)
+def test_failed_add_leaves_running_batch_intact(engine, bad, error):
+    running = GenerationRequest(user(MEDIUM), gate={3: 1.0}, sampling=greedy(8))
+    batch = DecodeBatch(engine)
+    batch.add([running])
+    batch.step()
+    with pytest.raises(error):
+        batch.add([running, bad])
+    assert len(batch) == 1
+    run(batch)
+    assert batch.results[0].token_ids == alone(engine, running)
+    assert list(batch.results) == [0]
+    assert batch.add([GenerationRequest(user(SHORT), sampling=greedy(1))]) == [1]
