@@ -77,8 +77,9 @@ class Timing:
         return self.tokens / self.wall_s
 
 
-def _requests(gates: Sequence[dict | None], new_tokens: int, adapters: Sequence[str | None] = ()
-              ) -> list[GenerationRequest]:
+def _requests(
+    gates: Sequence[dict | None], new_tokens: int, adapters: Sequence[str | None] = ()
+) -> list[GenerationRequest]:
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     names = list(adapters) or [None] * len(gates)
     return [GenerationRequest(PROMPT, g, sp, adapter=a) for g, a in zip(gates, names, strict=True)]
@@ -88,9 +89,12 @@ def _time(engine: Engine, requests: list[GenerationRequest]) -> Timing:
     t0 = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - t0
-    return Timing(wall, statistics.median(_tpot(r) for r in results),
-                  statistics.median(r.ttft_s for r in results),
-                  sum(r.completion_tokens for r in results))
+    return Timing(
+        wall,
+        statistics.median(_tpot(r) for r in results),
+        statistics.median(r.ttft_s for r in results),
+        sum(r.completion_tokens for r in results),
+    )
 
 
 def _tpot(r: GenerationResult) -> float:
@@ -110,8 +114,9 @@ def _banked(spec: str, n_blocks: int, seed: int, device: str | None) -> tuple[En
     return Engine(loaded, bank), bank
 
 
-def run_engine_bench(spec: str = "default", quick: bool = False, device: str | None = None,
-                     rounds: int | None = None) -> dict[str, Any]:
+def run_engine_bench(
+    spec: str = "default", quick: bool = False, device: str | None = None, rounds: int | None = None
+) -> dict[str, Any]:
     """Measure the engine figures of `neeko bench engine` and return them as a dict."""
     started = time.perf_counter()
     new_tokens = 32 if quick else 64
@@ -120,7 +125,7 @@ def run_engine_bench(spec: str = "default", quick: bool = False, device: str | N
     base = Engine(model_lib.load(spec, device=device))
     ours, bank = _banked(spec, 16, seed=0, device=device)
     ours10, _ = _banked(spec, 10, seed=1, device=device)
-    ours1000, bank1000 = _banked(spec, 1000, seed=2, device=device)
+    ours1000, _bank1000 = _banked(spec, 1000, seed=2, device=device)
     peft, load_set_ms = _peft_engine(spec, bank, device)
 
     one = [{0: 1.0}]
@@ -136,8 +141,9 @@ def run_engine_bench(spec: str = "default", quick: bool = False, device: str | N
         "peft_k1_b16": lambda: _time(peft, _requests([None] * BATCH, new_tokens, names[1])),
         "peft_k8_b16": lambda: _time(peft, _requests([None] * BATCH, new_tokens, names[8])),
         "10_chars_b16": lambda: _time(ours10, _requests(k[8], new_tokens)),
-        "1000_chars_b16": lambda: _time(ours1000, _requests(
-            [{(i % 8) * 125: 1.0} for i in range(BATCH)], new_tokens)),
+        "1000_chars_b16": lambda: _time(
+            ours1000, _requests([{(i % 8) * 125: 1.0} for i in range(BATCH)], new_tokens)
+        ),
     }
     _log("warm-up")
     for fn in configs.values():
@@ -162,7 +168,8 @@ def run_engine_bench(spec: str = "default", quick: bool = False, device: str | N
         "mixed_vs_single_k16": round(med["k16_b16"].tok_s / med["k1_b16"].tok_s, 4),
         "speedup_vs_peft_k8": round(med["k8_b16"].tok_s / med["peft_k8_b16"].tok_s, 4),
         "lora_time_vs_peft_k8": round(
-            (med["k8_b16"].tpot_s - base16) / (med["peft_k8_b16"].tpot_s - base16), 4),
+            (med["k8_b16"].tpot_s - base16) / (med["peft_k8_b16"].tpot_s - base16), 4
+        ),
         "switch_ms": round(switch_ms, 3),
         "peft_load_set_ms": round(load_set_ms, 3),
         "scale_1000_vs_10": round(med["1000_chars_b16"].tok_s / med["10_chars_b16"].tok_s, 4),

@@ -75,12 +75,15 @@ def _demo(args: argparse.Namespace) -> int:
     bank = LoRABank(loaded.model, BankConfig())
     blocks = bank.add_blocks(len(DEMO_CAST))  # fresh blocks (B = 0) until the cast is trained
     engine = Engine(loaded, bank)
-    print(f"model: {args.model} on {loaded.device} ({loaded.dtype}); "
-          f"bank: {bank.n_blocks} blocks of rank {bank.config.rank} on "
-          f"{len(bank.module_names)} layers\n")
+    print(
+        f"model: {args.model} on {loaded.device} ({loaded.dtype}); "
+        f"bank: {bank.n_blocks} blocks of rank {bank.config.rank} on "
+        f"{len(bank.module_names)} layers\n"
+    )
     print(f"User: {DEMO_QUESTION}\n")
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9,
-                              seed=7, stop=("<|im_end|>",))
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=7, stop=("<|im_end|>",)
+    )
     requests = [
         GenerationRequest(
             [{"role": "system", "content": persona}, {"role": "user", "content": DEMO_QUESTION}],
@@ -95,8 +98,10 @@ def _demo(args: argparse.Namespace) -> int:
     for (name, _), res in zip(DEMO_CAST, results, strict=True):
         print(f"{name}: {res.text.strip()}\n")
     tokens = sum(r.completion_tokens for r in results)
-    print(f"[{len(results)} characters in one batch: {tokens} tokens in {wall:.1f} s, "
-          f"{tokens / wall:.1f} tok/s]")
+    print(
+        f"[{len(results)} characters in one batch: {tokens} tokens in {wall:.1f} s, "
+        f"{tokens / wall:.1f} tok/s]"
+    )
     return 0
 
 

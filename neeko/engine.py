@@ -142,7 +142,9 @@ class Engine:
                 )
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=True, tokenize=False
+            )
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -209,20 +211,28 @@ class DecodeBatch:
                     f"prompt of {len(p)} tokens + {r.sampling.max_new_tokens} new tokens exceeds "
                     f"the model's {eng.max_positions} positions"
                 )
-        rows = [_Row(self._next_index + i, r, p) for i, (r, p) in enumerate(zip(requests, prompts, strict=True))]
+        rows = [
+            _Row(self._next_index + i, r, p)
+            for i, (r, p) in enumerate(zip(requests, prompts, strict=True))
+        ]
         routing = eng.make_routing(rows)  # checks gates before any state changes
         self._next_index += len(rows)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(rows), width), eng.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(eng.device), mask.to(eng.device)
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = eng.forward(routing, input_ids=ids, attention_mask=mask,
-                             position_ids=positions, past_key_values=cache)
+        logits = eng.forward(
+            routing,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+        )
         pending = self._sample(logits, rows)
         indices = [r.index for r in rows]
         keep = self._record(rows, pending.tolist())
@@ -241,7 +251,9 @@ class DecodeBatch:
         """Decode one token for every row; returns whether any row is still running."""
         if not self.rows:
             return False
-        assert self.mask is not None and self.positions is not None and self.pending is not None
+        assert self.mask is not None
+        assert self.positions is not None
+        assert self.pending is not None
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         logits = self.engine.forward(
@@ -320,7 +332,7 @@ class DecodeBatch:
                         end -= n
                         break
         if end > len(row.sent) and row.request.on_text is not None:
-            row.request.on_text(row.text[len(row.sent):end])
+            row.request.on_text(row.text[len(row.sent) : end])
         row.sent = row.text[:end]
 
     def _keep(self, keep: list[int]) -> None:
@@ -329,7 +341,9 @@ class DecodeBatch:
             self.cache = self.mask = self.positions = self.pending = self.routing = None
             return
         idx = torch.tensor(keep, device=self.engine.device)
-        assert self.cache is not None and self.mask is not None and self.pending is not None
+        assert self.cache is not None
+        assert self.mask is not None
+        assert self.pending is not None
         self.cache.batch_select_indices(idx)
         self.mask, self.pending = self.mask[idx], self.pending[idx]
         self.positions = self.positions[idx] if self.positions is not None else None
@@ -338,7 +352,8 @@ class DecodeBatch:
 
     def _trim_left(self) -> None:
         """Drop KV columns that are padding for every remaining row."""
-        assert self.mask is not None and self.cache is not None
+        assert self.mask is not None
+        assert self.cache is not None
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         if start == 0:
@@ -347,18 +362,29 @@ class DecodeBatch:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: Tensor, positions: Tensor,
-               pending: Tensor, routing: Any) -> None:
+    def _merge(
+        self,
+        rows: list[_Row],
+        cache: DynamicCache,
+        mask: Tensor,
+        positions: Tensor,
+        pending: Tensor,
+        routing: Any,
+    ) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask = rows, cache, mask
             self.positions, self.pending, self.routing = positions, pending, routing
             return
-        assert self.cache is not None and self.mask is not None
-        assert self.positions is not None and self.pending is not None
+        assert self.cache is not None
+        assert self.mask is not None
+        assert self.positions is not None
+        assert self.pending is not None
         width = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+            old.values = torch.cat(
+                [_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]
+            )
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.pending = torch.cat([self.pending, pending])

@@ -67,7 +67,7 @@ class BankConfig:
 
     @property
     def scale(self) -> float:
-        """alpha / rank."""
+        """Alpha / rank."""
         return self.alpha / self.rank
 
 
@@ -198,7 +198,12 @@ class BlockLoRALinear(nn.Module):
         self.n_blocks = need
 
     def extra_repr(self) -> str:
+        """Shape summary shown by print(model)."""
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def _few(names: Sequence[str]) -> str:
+    return "[" + ", ".join(names[:3]) + (f", ... ({len(names)} in all)]" if len(names) > 3 else "]")
 
 
 def _resized(t: Tensor, rows: int) -> Tensor:
@@ -252,7 +257,9 @@ class LoRABank(nn.Module):
         for i, gate in enumerate(gates):
             for k, w in (gate or {}).items():
                 if not isinstance(k, int) or not 0 <= k < self.n_blocks:
-                    raise GateError(f"row {i}: block {k!r} does not exist (bank has {self.n_blocks})")
+                    raise GateError(
+                        f"row {i}: block {k!r} does not exist (bank has {self.n_blocks})"
+                    )
                 if not math.isfinite(float(w)):
                     raise GateError(f"row {i}: weight {w!r} for block {k} is not finite")
                 out[i, k] = float(w)
@@ -365,8 +372,8 @@ class LoRABank(nn.Module):
         extra = [n for n in weights if n not in self.layers]
         if missing or extra:
             raise BlockFormatError(
-                f"block does not fit this bank: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+                f"block does not fit this bank: missing modules {_few(missing)}, "
+                f"unexpected modules {_few(extra)}"
             )
         for name, (a, b) in weights.items():
             layer = self.layers[name]
@@ -420,7 +427,10 @@ class LoRABank(nn.Module):
             raise BlockFormatError(f"{path} is not a safetensors block file ({exc})") from None
         if meta.get("format") != BLOCK_FORMAT:
             raise BlockFormatError(f"{path}: not a Neeko block (format={meta.get('format')!r})")
-        if meta.get("rank") != str(self.config.rank) or float(meta.get("alpha", "nan")) != self.config.alpha:
+        if (
+            meta.get("rank") != str(self.config.rank)
+            or float(meta.get("alpha", "nan")) != self.config.alpha
+        ):
             raise BlockFormatError(
                 f"{path}: block has rank {meta.get('rank')} alpha {meta.get('alpha')}, "
                 f"this bank has rank {self.config.rank} alpha {self.config.alpha}"

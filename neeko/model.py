@@ -14,6 +14,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from neeko.errors import ModelLoadError
 
@@ -119,6 +122,13 @@ def load(
     """
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    with _quiet_progress():
+        model, tokenizer = _load(spec, dt)
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+
+
+def _load(spec: str, dt: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec == "default":
         folder = default_model_dir()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
@@ -128,8 +138,17 @@ def load(
         model = tiny_model(len(tokenizer), TinyConfig()).to(dt)
     else:
         model, tokenizer = _load_hf(spec, dt)
-    model.to(dev).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+    return model, tokenizer
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-load progress bars (loads from the cache take < 1 s)."""
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def tiny_model(vocab_size: int, cfg: TinyConfig) -> LlamaForCausalLM:
@@ -189,6 +208,7 @@ def _convert_gguf(folder: Path, target: Path) -> None:
         file=sys.stderr,
         flush=True,
     )
+    hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE)
     config = gguf_model.config

@@ -137,7 +137,11 @@ def _read_config(folder: Path) -> dict:
 def _read_tensors(folder: Path) -> dict[str, Tensor]:
     path = folder / WEIGHTS_FILE
     if not path.exists():
-        other = " (pickled adapter_model.bin files are refused)" if (folder / "adapter_model.bin").exists() else ""
+        other = (
+            " (pickled adapter_model.bin files are refused)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise BlockFormatError(f"{folder}: no {WEIGHTS_FILE}{other}")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -148,5 +152,7 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
         if not torch.isfinite(t).all():
             raise BlockFormatError(f"{path}: {key} holds NaN or inf")
     # Adapters saved with an adapter name in the key ("lora_A.default.weight") are normalised.
-    return {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
-            for k, v in tensors.items()}
+    return {
+        k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        for k, v in tensors.items()
+    }

@@ -1,0 +1,41 @@
+"""The benchmark and the command line, on the tiny model."""
+
+import json
+
+import pytest
+
+from neeko.cli import main
+
+KEYS = {
+    "tok_s_base_b1", "tok_s_gated_b1", "overhead_vs_base_b1", "tok_s_k1_b16", "tok_s_k8_b16",
+    "tok_s_k16_b16", "mixed_vs_single_k8", "mixed_vs_single_k16", "tok_s_peft_k1_b16",
+    "tok_s_peft_k8_b16", "speedup_vs_peft_k8", "lora_time_vs_peft_k8", "switch_ms",
+    "peft_load_set_ms", "tok_s_1000_chars_b16", "tok_s_10_chars_b16", "scale_1000_vs_10",
+    "mixed_matches_alone", "model", "device", "torch", "threads",
+}
+
+
+@pytest.mark.slow
+def test_bench_engine_json_on_tiny(capsys):
+    assert main(["bench", "engine", "--model", "tiny", "--quick", "--rounds", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result.keys() >= KEYS
+    assert result["mixed_matches_alone"] is True
+    assert result["model"] == "tiny"
+    assert result["device"] == "cpu"
+    assert all(result[k] > 0 for k in KEYS if k.startswith("tok_s_"))
+    ratio = result["tok_s_k8_b16"] / result["tok_s_k1_b16"]
+    assert result["mixed_vs_single_k8"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_demo_runs_two_characters_in_one_batch(capsys):
+    assert main(["demo", "--model", "tiny", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Captain Mara Vell:" in out
+    assert "Inspector Edmund Gray:" in out
+    assert "2 characters in one batch" in out
+
+
+def test_cli_reports_user_errors_without_traceback(capsys, tmp_path):
+    assert main(["demo", "--model", str(tmp_path / "missing")]) == 1
+    assert "neeko: error:" in capsys.readouterr().err
