@@ -1,9 +1,11 @@
 """`neeko bench engine`: block-bank generation against the base model and PEFT, side by side.
 
-Every figure comes from one run: each configuration is loaded once, all are warmed up, then
-they are run round-robin (so drift in machine speed hits all of them alike) and the median
-of the rounds is taken. Decoding is greedy with a fixed ~64-token prompt, and EOS is ignored
-so every row produces exactly the requested number of tokens.
+Every figure comes from one run. Each configuration is loaded once; then, per round, all are
+prefilled and decoded in lockstep, one decode step of each in turn, so a slow moment of the
+machine hits all of them alike. A round of warm-up comes first; figures are medians over the
+decode steps (`tok_s_*` = rows / median step time) and over the rounds' prefills. Decoding is
+greedy with a fixed ~64-token prompt, and EOS is ignored so every row produces exactly the
+requested number of tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from peft import PeftModel
 from torch import Tensor
 
 from neeko import model as model_lib
-from neeko.engine import Engine, GenerationRequest, GenerationResult, SamplingParams, _Row
+from neeko.engine import (
+    DecodeBatch,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    _Row,
+)
 from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 
@@ -30,15 +39,17 @@ PROMPT = [
     {
         "role": "system",
         "content": "You are Captain Mara Vell, a weathered pirate captain who speaks in salty "
-        "sea slang, loves old maps, and never trusts the navy.",
+        "sea slang and never trusts the navy.",
     },
     {
         "role": "user",
-        "content": "Captain, the storm is closing in and the crew is restless. Tell me, what "
-        "should we do with the cargo we took from the merchant ship last night?",
+        "content": "Captain, the storm is closing in. What should we do with the cargo "
+        "we took from the merchant ship last night?",
     },
 ]
 BATCH = 16
+Config = tuple[Engine, list[dict | None], list[str]]
+"""An engine, one gate per row, and (for PEFT) one adapter name per row."""
 
 
 class PeftEngine(Engine):
@@ -66,15 +77,16 @@ class PeftEngine(Engine):
 class Timing:
     """One run of one configuration."""
 
-    wall_s: float
+    rows: int
     tpot_s: float
+    """Median time per output token after the first (one decode step of the batch)."""
     ttft_s: float
-    tokens: int
+    """Median time to the first token (prefill of the batch)."""
 
     @property
     def tok_s(self) -> float:
-        """Generated tokens per second of wall time (prefill included)."""
-        return self.tokens / self.wall_s
+        """Decode throughput: tokens per second over all rows of the batch."""
+        return self.rows / self.tpot_s
 
 
 def _requests(
@@ -86,14 +98,11 @@ def _requests(
 
 
 def _time(engine: Engine, requests: list[GenerationRequest]) -> Timing:
-    t0 = time.perf_counter()
     results = engine.generate(requests)
-    wall = time.perf_counter() - t0
     return Timing(
-        wall,
-        statistics.median(_tpot(r) for r in results),
-        statistics.median(r.ttft_s for r in results),
-        sum(r.completion_tokens for r in results),
+        rows=len(results),
+        tpot_s=statistics.median(_tpot(r) for r in results),
+        ttft_s=statistics.median(r.ttft_s for r in results),
     )
 
 
@@ -124,60 +133,60 @@ def run_engine_bench(
     _log(f"loading {spec} five times (base, bank of 16, of 10, of 1000, PEFT)")
     base = Engine(model_lib.load(spec, device=device))
     ours, bank = _banked(spec, 16, seed=0, device=device)
+    dense = Engine(ours.loaded, bank, path="dense")
     ours10, _ = _banked(spec, 10, seed=1, device=device)
-    ours1000, _bank1000 = _banked(spec, 1000, seed=2, device=device)
-    peft, load_set_ms = _peft_engine(spec, bank, device)
+    ours1000, bank1000 = _banked(spec, 1000, seed=2, device=device)
+    with tempfile.TemporaryDirectory(prefix="neeko-bench-") as tmp:
+        peft, load_set_ms = _peft_engine(spec, bank, Path(tmp), device)
 
-    one = [{0: 1.0}]
     k = {n: [{i % n: 1.0} for i in range(BATCH)] for n in (1, 8, 16)}
     names = {n: [f"c{i % n}" for i in range(BATCH)] for n in (1, 8)}
-    configs: dict[str, Callable[[], Timing]] = {
-        "base_b1": lambda: _time(base, _requests([None], new_tokens)),
-        "gated_b1": lambda: _time(ours, _requests(one, new_tokens)),
-        "base_b16": lambda: _time(base, _requests([None] * BATCH, new_tokens)),
-        "k1_b16": lambda: _time(ours, _requests(k[1], new_tokens)),
-        "k8_b16": lambda: _time(ours, _requests(k[8], new_tokens)),
-        "k16_b16": lambda: _time(ours, _requests(k[16], new_tokens)),
-        "peft_k1_b16": lambda: _time(peft, _requests([None] * BATCH, new_tokens, names[1])),
-        "peft_k8_b16": lambda: _time(peft, _requests([None] * BATCH, new_tokens, names[8])),
-        "10_chars_b16": lambda: _time(ours10, _requests(k[8], new_tokens)),
-        "1000_chars_b16": lambda: _time(
-            ours1000, _requests([{(i % 8) * 125: 1.0} for i in range(BATCH)], new_tokens)
-        ),
+    spread = [{(i % 8) * 125: 1.0} for i in range(BATCH)]  # 8 blocks far apart in the bank
+    configs: dict[str, Config] = {
+        "base_b1": (base, [None], []),
+        "gated_b1": (ours, k[1][:1], []),
+        "base_b16": (base, [None] * BATCH, []),
+        "k1_b16": (ours, k[1], []),
+        "k8_b16": (ours, k[8], []),
+        "k16_b16": (ours, k[16], []),
+        "dense_k1_b16": (dense, k[1], []),
+        "dense_k8_b16": (dense, k[8], []),
+        "peft_k1_b16": (peft, [None] * BATCH, names[1]),
+        "peft_k8_b16": (peft, [None] * BATCH, names[8]),
+        "10_chars_b16": (ours10, k[8], []),
+        "1000_chars_b16": (ours1000, spread, []),
     }
-    _log("warm-up")
-    for fn in configs.values():
-        fn()
-    runs: dict[str, list[Timing]] = {name: [] for name in configs}
-    for r in range(rounds):
-        _log(f"round {r + 1}/{rounds}")
-        for name, fn in configs.items():
-            runs[name].append(fn())
-    med = {name: _median(ts) for name, ts in runs.items()}
-
+    med = _lockstep(configs, new_tokens, rounds)
     _log("switch cost and mixed-batch equivalence")
-    switch_ms = _switch_ms(ours1000, rounds)
-    matches, max_diff = _mixed_matches_alone(ours, bank, new_tokens)
+    switch_ms, prepare_ms = _switch_ms(ours1000, bank1000)
+    same_tokens, max_diff = _mixed_vs_alone(ours, bank, new_tokens)
 
     base16 = med["base_b16"].tpot_s
     out: dict[str, Any] = {f"tok_s_{name}": round(t.tok_s, 2) for name, t in med.items()}
-    out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
     out |= {
         "overhead_vs_base_b1": round(med["gated_b1"].tpot_s / med["base_b1"].tpot_s, 4),
         "mixed_vs_single_k8": round(med["k8_b16"].tok_s / med["k1_b16"].tok_s, 4),
         "mixed_vs_single_k16": round(med["k16_b16"].tok_s / med["k1_b16"].tok_s, 4),
+        "mixed_vs_single_k8_dense": round(med["dense_k8_b16"].tok_s / med["dense_k1_b16"].tok_s, 4),
         "speedup_vs_peft_k8": round(med["k8_b16"].tok_s / med["peft_k8_b16"].tok_s, 4),
         "lora_time_vs_peft_k8": round(
             (med["k8_b16"].tpot_s - base16) / (med["peft_k8_b16"].tpot_s - base16), 4
         ),
         "switch_ms": round(switch_ms, 3),
+        "switch_prepare_ms": round(prepare_ms, 3),
         "peft_load_set_ms": round(load_set_ms, 3),
         "scale_1000_vs_10": round(med["1000_chars_b16"].tok_s / med["10_chars_b16"].tok_s, 4),
-        "mixed_matches_alone": matches,
+        "mixed_matches_alone": same_tokens and max_diff <= 1e-4,
+        "mixed_tokens_identical": same_tokens,
         "mixed_max_logit_diff": max_diff,
+    }
+    out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
+    out |= {f"ttft_ms_{name}": round(t.ttft_s * 1e3, 3) for name, t in med.items()}
+    out |= {
         "model": spec,
         "device": str(base.device),
         "dtype": str(base.loaded.dtype).removeprefix("torch."),
+        "path": bank.config.path,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": BATCH,
@@ -189,28 +198,61 @@ def run_engine_bench(
     return out
 
 
+def _lockstep(configs: dict[str, Config], new_tokens: int, rounds: int) -> dict[str, Timing]:
+    """Decode all configurations in lockstep, one step of each in turn; medians per config.
+
+    Interleaving single decode steps means a slow moment of the machine hits every
+    configuration alike. Round 0 is the warm-up and is not counted.
+    """
+    steps: dict[str, list[float]] = {name: [] for name in configs}
+    prefill: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(rounds + 1):
+        _log("warm-up" if r == 0 else f"round {r}/{rounds}")
+        live: dict[str, DecodeBatch] = {}
+        for name, (engine, gates, names) in configs.items():
+            live[name] = DecodeBatch(engine)
+            t0 = time.perf_counter()
+            live[name].add(_requests(gates, new_tokens, names))
+            if r:
+                prefill[name].append(time.perf_counter() - t0)
+        while live:
+            for name in list(live):
+                t0 = time.perf_counter()
+                running = live[name].step()
+                if r:
+                    steps[name].append(time.perf_counter() - t0)
+                if not running:
+                    del live[name]
+    return {
+        name: Timing(
+            len(configs[name][1]), statistics.median(steps[name]), statistics.median(prefill[name])
+        )
+        for name in configs
+    }
+
+
 def _median(ts: list[Timing]) -> Timing:
     return Timing(
-        wall_s=statistics.median(t.wall_s for t in ts),
+        rows=ts[0].rows,
         tpot_s=statistics.median(t.tpot_s for t in ts),
         ttft_s=statistics.median(t.ttft_s for t in ts),
-        tokens=ts[0].tokens,
     )
 
 
-def _peft_engine(spec: str, bank: LoRABank, device: str | None) -> tuple[PeftEngine, float]:
-    """PEFT model holding the bank's first 8 blocks as adapters c0..c7, plus load+set time."""
+def _peft_engine(
+    spec: str, bank: LoRABank, folder: Path, device: str | None
+) -> tuple[PeftEngine, float]:
+    """PEFT model holding the bank's blocks as adapters c0..c15, plus load+set time (ms)."""
     loaded = model_lib.load(spec, device=device)
-    tmp = Path(tempfile.mkdtemp(prefix="neeko-bench-"))
     for i in range(bank.n_blocks):
-        export_adapter(bank, {i: 1.0}, tmp / f"c{i}")
-    model = PeftModel.from_pretrained(loaded.model, str(tmp / "c0"), adapter_name="c0")
+        export_adapter(bank, {i: 1.0}, folder / f"c{i}")
+    model = PeftModel.from_pretrained(loaded.model, str(folder / "c0"), adapter_name="c0")
     for i in range(1, 8):
-        model.load_adapter(str(tmp / f"c{i}"), adapter_name=f"c{i}")
+        model.load_adapter(str(folder / f"c{i}"), adapter_name=f"c{i}")
     times = []
     for i in range(8, bank.n_blocks):
         t0 = time.perf_counter()
-        model.load_adapter(str(tmp / f"c{i}"), adapter_name=f"c{i}")
+        model.load_adapter(str(folder / f"c{i}"), adapter_name=f"c{i}")
         model.set_adapter(f"c{i}")
         times.append((time.perf_counter() - t0) * 1e3)
     model.eval()
@@ -218,31 +260,45 @@ def _peft_engine(spec: str, bank: LoRABank, device: str | None) -> tuple[PeftEng
     return PeftEngine(loaded), statistics.median(times)
 
 
-def _switch_ms(engine: Engine, rounds: int) -> float:
-    """Extra first-token time for a character not used before vs the same one again."""
-    diffs = []
-    for j in range(max(5, rounds)):
-        gate = [{900 + j: 1.0}]  # never used by the other runs
-        first = _time(engine, _requests(gate, 1)).ttft_s
-        again = _time(engine, _requests(gate, 1)).ttft_s
-        diffs.append((first - again) * 1e3)
-    return statistics.median(diffs)
+def _switch_ms(engine: Engine, bank: LoRABank, samples: int = 9) -> tuple[float, float]:
+    """Cost of moving to a character not used before.
+
+    Returns the extra first-token time of a never-used character over the same request
+    repeated (median over `samples` characters), and the time to prepare its routing and
+    gather its block in every layer, the only per-character work there is.
+    """
+    extra, prepare = [], []
+    for j in range(samples):
+        gate = {bank.n_blocks - 1 - j: 1.0}  # blocks no other run uses
+        t0 = time.perf_counter()
+        routing = bank.routing([gate], path=engine.path)
+        for layer in bank.layers.values():
+            routing.weights(layer)
+        prepare.append((time.perf_counter() - t0) * 1e3)
+        first = _time(engine, _requests([{bank.n_blocks - 1 - samples - j: 1.0}], 1)).ttft_s
+        again = _time(engine, _requests([{bank.n_blocks - 1 - samples - j: 1.0}], 1)).ttft_s
+        extra.append((first - again) * 1e3)
+    return statistics.median(extra), statistics.median(prepare)
 
 
-def _mixed_matches_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bool, float]:
-    """Is every row of a K=16 mixed batch equal to that row run alone (tokens and logits)?"""
+def _mixed_vs_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bool, float]:
+    """Every row of a K=16 mixed batch vs that row alone: same greedy tokens? max logit diff?
+
+    Tokens come from generation (KV cache, decode steps); logits from one teacher-forced
+    forward over prompt + reply, batch vs each row alone.
+    """
     gates = [{i: 1.0} for i in range(BATCH)]
     batch = engine.generate(_requests(gates, new_tokens))
     alone = [engine.generate(_requests([g], new_tokens))[0] for g in gates]
     same_tokens = all(a.token_ids == b.token_ids for a, b in zip(batch, alone, strict=True))
     prompt = engine.render(PROMPT)
     ids = torch.tensor([prompt + r.token_ids for r in batch], device=engine.device)
+    max_diff = 0.0
     with torch.inference_mode():
-        with bank.route(gates):
+        with bank.route(bank.routing(gates, path=engine.path)):
             mixed = engine.model(input_ids=ids).logits.float()
-        max_diff = 0.0
         for i, g in enumerate(gates):
-            with bank.route([g]):
+            with bank.route(bank.routing([g], path=engine.path)):
                 row = engine.model(input_ids=ids[i : i + 1]).logits.float()
             max_diff = max(max_diff, float((mixed[i] - row[0]).abs().max()))
-    return same_tokens and max_diff <= 1e-4, max_diff
+    return same_tokens, max_diff

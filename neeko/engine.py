@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from neeko.errors import GenerationError
-from neeko.lora import Gate, LoRABank, Routing
+from neeko.lora import Gate, LoRABank, LoRAPath, Routing
 from neeko.model import LoadedModel
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -116,9 +116,15 @@ class _Row:
 class Engine:
     """Runs generation requests on a base model with an optional block bank."""
 
-    def __init__(self, loaded: LoadedModel, bank: LoRABank | None = None) -> None:
-        """Serve `loaded` (model + tokenizer); `bank` is the block bank wrapped into it."""
+    def __init__(
+        self, loaded: LoadedModel, bank: LoRABank | None = None, path: LoRAPath | None = None
+    ) -> None:
+        """Serve `loaded` (model + tokenizer) with `bank`, the block bank wrapped into it.
+
+        `path` overrides the bank's way of computing the gated sum (see BankConfig.path).
+        """
         self.loaded = loaded
+        self.path = path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.bank = bank
@@ -151,6 +157,8 @@ class Engine:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run all requests as one batch; results come back in request order."""
+        if not requests:
+            return []
         batch = DecodeBatch(self)
         batch.add(requests)
         while batch.step():
@@ -165,7 +173,7 @@ class Engine:
             if any(r.request.gate for r in rows):
                 raise GenerationError("this engine has no block bank, so gates must be empty")
             return None
-        return self.bank.routing([r.request.gate for r in rows])
+        return self.bank.routing([r.request.gate for r in rows], path=self.path)
 
     def select_routing(self, routing: Any, keep: Tensor, rows: Sequence[_Row]) -> Any:
         """Routing for the rows kept by `keep` (indices into the current batch)."""
@@ -204,6 +212,8 @@ class DecodeBatch:
     def add(self, requests: Sequence[GenerationRequest]) -> list[int]:
         """Prefill `requests` and merge them into the batch; returns their result indices."""
         eng = self.engine
+        if not requests:
+            return []
         prompts = [eng.render(r.messages) for r in requests]
         for r, p in zip(requests, prompts, strict=True):
             if len(p) + r.sampling.max_new_tokens > eng.max_positions:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from neeko.errors import BlockFormatError, GateError
 
-Path_ = Literal["dense", "gathered", "reference"]
+LoRAPath = Literal["dense", "gathered", "reference"]
 Gate = Mapping[int, float]
 """Block index -> weight. An empty gate runs the base model."""
 
@@ -52,8 +52,10 @@ class BankConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     """Names of the linear layers to wrap, matched on the last name part; ("all-linear",)
     wraps every linear inside the decoder layers."""
-    path: Path_ = "dense"
-    """How the gated sum is computed: dense, gathered or reference (all exact)."""
+    path: LoRAPath = "gathered"
+    """How the gated sum is computed (all exact up to float rounding): `gathered` (per-row
+    GEMMs, so a row's result does not depend on which blocks other rows use), `dense` (one
+    matmul pair over the union of the batch's blocks) or `reference` (plain loops)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -78,7 +80,7 @@ class Routing:
     pays the gather once. Build a new Routing after the bank's weights change.
     """
 
-    def __init__(self, gates: Tensor, scale: float, rank: int, path: Path_) -> None:
+    def __init__(self, gates: Tensor, scale: float, rank: int, path: LoRAPath) -> None:
         """Prepare `gates` (batch, N) for `path`; `scale` (alpha / rank) is folded in."""
         self.gates = gates
         self.scale = scale
@@ -93,15 +95,25 @@ class Routing:
         if path == "gathered":
             k = int((gates != 0).sum(dim=1).max())
             _, self.row_blocks = gates.abs().topk(k, dim=1)  # (batch, k) block ids
-            self.row_weights = gates.gather(1, self.row_blocks) * scale  # (batch, k)
+            weights = gates.gather(1, self.row_blocks) * scale  # (batch, k); padding gets 0
+            self.row_weights = weights.repeat_interleave(rank, dim=1)[:, None, :]  # (b, 1, k*p)
         elif path == "dense":
             row_gates = gates.index_select(1, self.active) * scale  # (batch, n_act)
-            self.dense_gates = row_gates.repeat_interleave(rank, dim=1)[:, None, :]  # (b, 1, n*p)
+            rep = row_gates.repeat_interleave(rank, dim=1)  # (batch, n_act*p)
+            # When every row has the same gate it is folded into B once, at gather time.
+            self.uniform = bool((gates == gates[:1]).all())
+            self.dense_gates = None if self.uniform else rep[:, None, :]  # (batch, 1, n_act*p)
+            self._fold = rep[0] if self.uniform else None
 
     def select_rows(self, rows: Tensor) -> Routing:
         """The same routing for a subset of rows, sharing the gathered weights if possible."""
         sub = Routing(self.gates.index_select(0, rows), self.scale, self.rank, self.path)
-        if self.path == "dense" and torch.equal(sub.active, self.active):
+        if (
+            self.path == "dense"
+            and not sub.is_empty
+            and sub.uniform == self.uniform
+            and torch.equal(sub.active, self.active)
+        ):
             sub._weights = self._weights
         return sub
 
@@ -116,12 +128,16 @@ class Routing:
 
     def _gather(self, layer: BlockLoRALinear) -> tuple[Tensor, Tensor]:
         if self.path == "gathered":
-            a, b = layer.blocks(self.row_blocks.flatten())
             n, k = self.row_blocks.shape
-            return a.view(n, k, *a.shape[1:]), b.view(n, k, *b.shape[1:])
+            a, b = layer.blocks(self.row_blocks.flatten())  # (n*k, p, d_in), (n*k, d_out, p)
+            a_t = a.transpose(1, 2)  # (n*k, d_in, p)
+            b_t = b.view(n, k, *b.shape[1:]).transpose(2, 3).reshape(n, k * self.rank, -1)
+            return a_t, b_t  # b_t: (n, k*p, d_out)
         a, b = layer.blocks(self.active)  # (n_act, p, d_in), (n_act, d_out, p)
         a_flat = a.reshape(-1, a.shape[-1])  # (n_act*p, d_in)
         b_flat = b.permute(1, 0, 2).reshape(b.shape[1], -1)  # (d_out, n_act*p)
+        if self._fold is not None:
+            b_flat = b_flat * self._fold
         return a_flat, b_flat
 
 
@@ -157,18 +173,44 @@ class BlockLoRALinear(nn.Module):
             raise GateError(
                 f"routing is for {routing.batch_size} rows but the layer got input {tuple(x.shape)}"
             )
-        x = x.to(self.A.dtype)
+        if x.dtype != self.A.dtype:
+            x = x.to(self.A.dtype)
         if routing.path == "dense":
-            a_flat, b_flat = routing.weights(self)
-            z = nn.functional.linear(x, a_flat)  # (batch, seq, n_act*p)
-            delta = nn.functional.linear(z * routing.dense_gates, b_flat)  # (batch, seq, d_out)
-        elif routing.path == "gathered":
-            a, b = routing.weights(self)  # (batch, k, p, d_in), (batch, k, d_out, p)
-            z = torch.einsum("btd,bkpd->btkp", x, a) * routing.row_weights[:, None, :, None]
-            delta = torch.einsum("btkp,bkop->bto", z, b)
-        else:
-            delta = self.reference_delta(x, routing.gates * routing.scale)
-        return y + delta.to(y.dtype)
+            return self._dense(x, y, routing)
+        if routing.path == "gathered":
+            return self._gathered(x, y, routing)
+        return y + self.reference_delta(x, routing.gates * routing.scale).to(y.dtype)
+
+    def _dense(self, x: Tensor, y: Tensor, routing: Routing) -> Tensor:
+        """One rank n_act*p matmul pair over the union of blocks the batch uses."""
+        a_flat, b_flat = routing.weights(self)  # (n_act*p, d_in), (d_out, n_act*p)
+        z = nn.functional.linear(x, a_flat)  # (batch, seq, n_act*p)
+        if routing.dense_gates is not None:
+            z = z * routing.dense_gates
+        if torch.is_grad_enabled() or y.dtype != z.dtype:
+            return y + nn.functional.linear(z, b_flat).to(y.dtype)
+        y2d = y.view(-1, self.out_features)  # inference: fused matmul-add into y, in place
+        return y2d.addmm_(z.view(-1, z.shape[-1]), b_flat.T).view_as(y)
+
+    def _gathered(self, x: Tensor, y: Tensor, routing: Routing) -> Tensor:
+        """Each row applies only its own blocks, as per-(row, block) GEMMs.
+
+        The A-side GEMM of a row has the same shape whatever else is in the batch, so the
+        row does not pick up rounding from the blocks other rows use (the dense path's
+        union-wide GEMM does). Measured: each row of a K=16 one-hot batch on SmolLM2 gives
+        the same logits as when run alone, bit for bit, on CPU.
+        """
+        a_t, b_t = routing.weights(self)  # (batch*k, d_in, p), (batch, k*p, d_out)
+        n, s, d = x.shape
+        k = a_t.shape[0] // n
+        xk = x if k == 1 else x.unsqueeze(1).expand(n, k, s, d).reshape(n * k, s, d)
+        z = torch.bmm(xk, a_t)  # (batch*k, seq, p)
+        if k > 1:
+            z = z.view(n, k, s, -1).transpose(1, 2).reshape(n, s, -1)  # (batch, seq, k*p)
+        z = z * routing.row_weights
+        if torch.is_grad_enabled() or y.dtype != z.dtype:
+            return y + torch.bmm(z, b_t).to(y.dtype)
+        return y.baddbmm_(z, b_t)  # y += z @ b_t, in place
 
     def reference_delta(self, x: Tensor, scaled_gates: Tensor) -> Tensor:
         """Plain-loop ground truth: sum_k g_ik * B_k A_k x_i for every row i."""
@@ -200,6 +242,13 @@ class BlockLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         """Shape summary shown by print(model)."""
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _few(names: Sequence[str]) -> str:
@@ -256,16 +305,18 @@ class LoRABank(nn.Module):
         out = torch.zeros(len(gates), self.n_blocks, dtype=torch.float32)
         for i, gate in enumerate(gates):
             for k, w in (gate or {}).items():
-                if not isinstance(k, int) or not 0 <= k < self.n_blocks:
+                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_blocks:
                     raise GateError(
                         f"row {i}: block {k!r} does not exist (bank has {self.n_blocks})"
                     )
-                if not math.isfinite(float(w)):
-                    raise GateError(f"row {i}: weight {w!r} for block {k} is not finite")
+                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                    raise GateError(f"row {i}: weight {w!r} for block {k} is not a finite number")
                 out[i, k] = float(w)
         return out.to(device=layer.A.device, dtype=layer.A.dtype)
 
-    def routing(self, gates: Tensor | Sequence[Gate | None], path: Path_ | None = None) -> Routing:
+    def routing(
+        self, gates: Tensor | Sequence[Gate | None], path: LoRAPath | None = None
+    ) -> Routing:
         """Prepare per-row gates ((batch, N) tensor or one Gate per row) for the layers."""
         if not isinstance(gates, Tensor):
             gates = self.gate_matrix(gates)
@@ -303,6 +354,10 @@ class LoRABank(nn.Module):
         block starts as the base model; `random` also draws B (times `b_scale`), for tests
         and benchmarks. Existing blocks are not touched.
         """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"number of blocks to add must be a positive integer, got {n!r}")
+        if init not in ("zeros", "lora", "random"):
+            raise ValueError(f"init must be zeros, lora or random, got {init!r}")
         start = self.n_blocks
         for layer in self.layers.values():
             layer.grow(n)
@@ -427,9 +482,14 @@ class LoRABank(nn.Module):
             raise BlockFormatError(f"{path} is not a safetensors block file ({exc})") from None
         if meta.get("format") != BLOCK_FORMAT:
             raise BlockFormatError(f"{path}: not a Neeko block (format={meta.get('format')!r})")
+        if meta.get("version") != BLOCK_VERSION:
+            raise BlockFormatError(
+                f"{path}: block format version {meta.get('version')!r} is not supported "
+                f"(this Neeko reads version {BLOCK_VERSION})"
+            )
         if (
             meta.get("rank") != str(self.config.rank)
-            or float(meta.get("alpha", "nan")) != self.config.alpha
+            or _float(meta.get("alpha")) != self.config.alpha
         ):
             raise BlockFormatError(
                 f"{path}: block has rank {meta.get('rank')} alpha {meta.get('alpha')}, "

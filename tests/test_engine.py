@@ -1,14 +1,25 @@
 """Batched generation: rows are independent of their batch, stop on their own, stream exactly."""
 
 import pytest
+import torch
 
 from neeko import model as neeko_model
 from neeko.engine import DecodeBatch, Engine, GenerationRequest, SamplingParams
 from neeko.errors import GateError, GenerationError
+from neeko.lora import BankConfig
 
 SHORT = "Hi"
 MEDIUM = "Who are you, and where do you come from?"
 LONG = "Tell me a long story about a dragon and a knight who slowly become friends over many years."
+
+
+# Rows must not depend on their batch mates whichever way the bank computes the block sum.
+both_paths = pytest.mark.parametrize(
+    "bank",
+    [BankConfig(path="gathered"), BankConfig(path="dense")],
+    ids=["gathered", "dense"],
+    indirect=True,
+)
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -29,7 +40,8 @@ def run(batch: DecodeBatch) -> None:
         pass
 
 
-def test_mixed_batch_rows_equal_rows_alone(tiny, engine):
+@both_paths
+def test_mixed_batch_rows_equal_rows_alone(bank, engine):
     requests = [
         GenerationRequest(user(SHORT), gate={0: 1.0}, sampling=greedy()),
         GenerationRequest(user(LONG), gate={1: 0.5, 3: 0.3, 5: 0.2}, sampling=greedy()),
@@ -46,7 +58,8 @@ def test_mixed_batch_rows_equal_rows_alone(tiny, engine):
     assert results[2].token_ids == alone(base, requests[2])
 
 
-def test_rows_stop_independently_and_come_back_in_order(engine):
+@both_paths
+def test_rows_stop_independently_and_come_back_in_order(bank, engine):
     lengths = [9, 1, 5, 3]
     texts = [MEDIUM, SHORT, LONG, SHORT]
     requests = [
@@ -64,18 +77,33 @@ def test_rows_stop_independently_and_come_back_in_order(engine):
         assert res.text == engine.tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
+@both_paths
+@pytest.mark.parametrize(
+    "gates",
+    [
+        [{2: 1.0}, {2: 0.5}, None],  # the one left has the batch's only gate left
+        [{1: 0.5, 3: 0.5}, {1: 0.5, 3: 0.5}, {4: 1.0}],
+        [None, {0: 1.0}, {0: 1.0}],
+    ],
+)
+def test_rows_leaving_do_not_change_the_rows_left(bank, engine, gates):
+    lengths = [12, 3, 6]
+    requests = [
+        GenerationRequest(user(t), gate=g, sampling=greedy(n))
+        for t, g, n in zip([MEDIUM, SHORT, LONG], gates, lengths, strict=True)
+    ]
+    results = engine.generate(requests)
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
+        assert res.token_ids == alone(engine, req), f"row {i}"
+
+
 def test_eos_ends_a_row_and_is_not_returned(engine):
     request = GenerationRequest(user(MEDIUM), gate={1: 1.0}, sampling=greedy(12))
     tokens = alone(engine, request)
     cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
-    engine.eos_ids = {tokens[cut]}
-    result = engine.generate(
-        [
-            GenerationRequest(
-                user(MEDIUM), gate={1: 1.0}, sampling=SamplingParams(12, temperature=0.0)
-            )
-        ]
-    )[0]
+    engine.eos_ids = {tokens[cut]}  # pretend the model's cut-th token is end-of-turn
+    stopping = SamplingParams(max_new_tokens=12, temperature=0.0)
+    (result,) = engine.generate([GenerationRequest(user(MEDIUM), gate={1: 1.0}, sampling=stopping)])
     assert result.token_ids == tokens[:cut]
     assert result.finish_reason == "eos"
     assert alone(engine, request) == tokens  # ignore_eos keeps going
@@ -120,8 +148,59 @@ def test_stop_string_prefix_that_never_completes_is_streamed(engine):
     assert "".join(pieces) == full.text
 
 
+class ScriptedEngine(Engine):
+    """An engine whose forward always favours the next token of a fixed reply."""
+
+    def __init__(self, loaded, reply: str) -> None:
+        super().__init__(loaded)
+        self.script = self.tokenizer.encode(reply, add_special_tokens=False)
+        self.calls = 0
+
+    def forward(self, routing, **inputs) -> torch.Tensor:
+        logits = torch.zeros(inputs["input_ids"].shape[0], self.model.config.vocab_size)
+        logits[:, self.script[self.calls]] = 1.0
+        self.calls += 1
+        return logits
+
+
+def _scripted(tiny, reply: str, stop: tuple[str, ...] = ()):
+    engine = ScriptedEngine(tiny, reply)
+    pieces: list[str] = []
+    sampling = greedy(len(engine.script), stop=stop)
+    (result,) = engine.generate(
+        [GenerationRequest(user(SHORT), sampling=sampling, on_text=pieces.append)]
+    )
+    return engine, result, pieces
+
+
+def test_streaming_never_emits_half_a_character(tiny):
+    reply = "Hello world! 😀 é, 🐉 and more"
+    engine, result, pieces = _scripted(tiny, reply)
+    assert any(engine.tokenizer.decode([t]).endswith("\ufffd") for t in engine.script)
+    assert result.text == reply
+    assert "".join(pieces) == reply
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize(
+    ("stop", "text"),
+    [
+        ((" world!",), "Hello"),  # spans two tokens
+        (("orld", "llo"), "He"),  # the earliest match wins, whatever the list order
+        (("Bye", "!"), "Hello world"),
+    ],
+)
+def test_stop_string_across_tokens_is_never_streamed(tiny, stop, text):
+    engine, result, pieces = _scripted(tiny, "Hello world! Bye now", stop)
+    assert result.text == text
+    assert result.finish_reason == "stop"
+    assert "".join(pieces) == text
+    assert engine.tokenizer.decode(result.token_ids).startswith(text)
+
+
+@both_paths
 @pytest.mark.parametrize("joiner", [SHORT, LONG])
-def test_continuous_batching_add_between_steps(engine, joiner):
+def test_continuous_batching_add_between_steps(bank, engine, joiner):
     first = GenerationRequest(user(MEDIUM), gate={0: 1.0}, sampling=greedy(10))
     second = GenerationRequest(user(joiner), gate={2: 0.7, 3: 0.3}, sampling=greedy(8))
     batch = DecodeBatch(engine)
@@ -136,7 +215,8 @@ def test_continuous_batching_add_between_steps(engine, joiner):
     assert batch.results[1].token_ids == alone(engine, second)
 
 
-def test_continuous_batching_add_after_rows_finished(engine):
+@both_paths
+def test_continuous_batching_add_after_rows_finished(bank, engine):
     quick = GenerationRequest(user(SHORT), gate={1: 1.0}, sampling=greedy(2))
     slow = GenerationRequest(user(LONG), gate=None, sampling=greedy(14))
     late = GenerationRequest(user(MEDIUM), gate={4: 1.0}, sampling=greedy(6))
@@ -234,3 +314,7 @@ def test_failed_add_leaves_running_batch_intact(engine, bad, error):
     assert batch.results[0].token_ids == alone(engine, running)
     assert list(batch.results) == [0]
     assert batch.add([GenerationRequest(user(SHORT), sampling=greedy(1))]) == [1]
+
+
+def test_no_requests_is_no_work(engine):
+    assert engine.generate([]) == []

@@ -42,24 +42,26 @@ def _assert_unchanged(bank: LoRABank, snap) -> None:
 # -- exactness ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gates", [GATES, [GATES[1]] * 3], ids=["mixed", "uniform"])
 @pytest.mark.parametrize("path", ["dense", "gathered"])
-def test_layer_paths_match_reference(bank, path):
-    x = torch.randn(len(GATES), 5, 64, generator=torch.Generator().manual_seed(2))
+def test_layer_paths_match_reference(bank, path, gates):
+    x = torch.randn(len(gates), 5, 64, generator=torch.Generator().manual_seed(2))
     for layer in bank.layers.values():
         with torch.no_grad():
-            with bank.route(bank.routing(GATES, path="reference")):
+            with bank.route(bank.routing(gates, path="reference")):
                 ref = layer(x)
-            with bank.route(bank.routing(GATES, path=path)):
+            with bank.route(bank.routing(gates, path=path)):
                 out = layer(x)
-        assert out.shape == (len(GATES), 5, layer.out_features)
+        assert out.shape == (len(gates), 5, layer.out_features)
         assert (out - ref).abs().max() <= 1e-5
         assert (ref - layer.base(x)).abs().amax(dim=(1, 2)).gt(1e-2).tolist() == [
-            g is not None for g in GATES
+            g is not None for g in gates
         ]
 
 
 @pytest.mark.parametrize("path", ["dense", "gathered"])
 def test_model_paths_match_reference(tiny, bank, path):
+    assert bank.routing(GATES, path=path).path == path
     ids = _ids()
     ref = _logits(bank, tiny.model, ids, GATES, "reference")
     out = _logits(bank, tiny.model, ids, GATES, path)
@@ -126,9 +128,21 @@ def test_new_lora_block_starts_as_base_model(tiny, bank):
     assert torch.equal(_logits(bank, tiny.model, ids, [{k: 1.0}, {k: 0.5}]), want)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"n": -1}, "-1"), ({"n": 0}, "0"), ({"n": 2, "init": "kaiming"}, "kaiming")],
+)
+def test_add_blocks_bad_arguments_raise_and_change_nothing(bank, kwargs, message):
+    snap = _snapshot(bank)
+    with pytest.raises(ValueError, match=message):
+        bank.add_blocks(**kwargs)
+    _assert_unchanged(bank, snap)
+
+
 # -- training ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bank", [BankConfig(path=p) for p in PATHS], ids=PATHS, indirect=True)
 def test_train_blocks_touches_only_that_block(tiny, bank):
     k, other = 2, 4
     before = {i: bank.get_block(i) for i in range(bank.n_blocks)}
@@ -256,6 +270,14 @@ def _other_alpha(bank, path):
     _write(path, _block_tensors(bank), {"alpha": "16.0"})
 
 
+def _bad_alpha(bank, path):
+    _write(path, _block_tensors(bank), {"alpha": "abc"})
+
+
+def _other_version(bank, path):
+    _write(path, _block_tensors(bank), {"version": "2"})
+
+
 BAD_FILES = {
     "random bytes": (_random_bytes, "not a safetensors block file"),
     "torch pickle": (_pickle, "not a safetensors block file"),
@@ -267,6 +289,8 @@ BAD_FILES = {
     "missing module": (_missing_module, "missing"),
     "unpaired": (_unpaired, "lacks lora_A or lora_B"),
     "other alpha": (_other_alpha, "alpha 16.0"),
+    "alpha not a number": (_bad_alpha, "alpha abc"),
+    "other version": (_other_version, "version '2'"),
 }
 
 
@@ -317,8 +341,11 @@ BAD_GATES = {
     "one past the end": ({6: 1.0}, "block 6 does not exist"),
     "negative index": ({-1: 1.0}, "block -1 does not exist"),
     "string index": ({"0": 1.0}, "block '0' does not exist"),
-    "nan weight": ({0: math.nan}, "not finite"),
-    "inf weight": ({0: math.inf}, "not finite"),
+    "bool index": ({True: 1.0}, "block True does not exist"),  # True must not mean "all"
+    "false index": ({False: 1.0}, "block False does not exist"),
+    "nan weight": ({0: math.nan}, "weight nan for block 0 .*finite"),
+    "inf weight": ({0: math.inf}, "weight inf for block 0 .*finite"),
+    "none weight": ({0: None}, "weight None for block 0"),
 }
 
 
