@@ -7,11 +7,28 @@ import pytest
 from neeko.cli import main
 
 KEYS = {
-    "tok_s_base_b1", "tok_s_gated_b1", "overhead_vs_base_b1", "tok_s_k1_b16", "tok_s_k8_b16",
-    "tok_s_k16_b16", "mixed_vs_single_k8", "mixed_vs_single_k16", "tok_s_peft_k1_b16",
-    "tok_s_peft_k8_b16", "speedup_vs_peft_k8", "lora_time_vs_peft_k8", "switch_ms",
-    "peft_load_set_ms", "tok_s_1000_chars_b16", "tok_s_10_chars_b16", "scale_1000_vs_10",
-    "mixed_matches_alone", "model", "device", "torch", "threads",
+    "tok_s_base_b1",
+    "tok_s_gated_b1",
+    "overhead_vs_base_b1",
+    "tok_s_k1_b16",
+    "tok_s_k8_b16",
+    "tok_s_k16_b16",
+    "mixed_vs_single_k8",
+    "mixed_vs_single_k16",
+    "tok_s_peft_k1_b16",
+    "tok_s_peft_k8_b16",
+    "speedup_vs_peft_k8",
+    "lora_time_vs_peft_k8",
+    "switch_ms",
+    "peft_load_set_ms",
+    "tok_s_1000_chars_b16",
+    "tok_s_10_chars_b16",
+    "scale_1000_vs_10",
+    "mixed_matches_alone",
+    "model",
+    "device",
+    "torch",
+    "threads",
 }
 
 

@@ -18,16 +18,23 @@ from neeko.engine import Engine, GenerationRequest, SamplingParams
 from neeko.errors import ModelLoadError
 from neeko.lora import BankConfig, LoRABank
 
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2}
+SMALL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "initializer_range": 0.2,
+}
 
 
 def test_tiny_is_deterministic_and_frozen():
     a, b = model_lib.load("tiny"), model_lib.load("tiny")
     assert a.device.type == "cpu"
     assert a.dtype == torch.float32
-    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(),
-                                                 strict=True))
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
+    )
     assert not any(p.requires_grad for p in a.model.parameters())
     assert not a.model.training
 
@@ -52,8 +59,10 @@ def test_local_llama_family_folders_load_and_serve_mixed_batches(tmp_path, confi
     bank.add_blocks(3, init="random", generator=torch.Generator().manual_seed(0))
     engine = Engine(loaded, bank)
     sp = SamplingParams(max_new_tokens=6, temperature=0)
-    reqs = [GenerationRequest([{"role": "user", "content": "Hello " * n}], gate, sp)
-            for n, gate in [(1, {0: 1.0}), (4, {2: 1.0}), (2, {0: 0.5, 1: 0.5})]]
+    reqs = [
+        GenerationRequest([{"role": "user", "content": "Hello " * n}], gate, sp)
+        for n, gate in [(1, {0: 1.0}), (4, {2: 1.0}), (2, {0: 0.5, 1: 0.5})]
+    ]
     batch = engine.generate(reqs)
     alone = [engine.generate([r])[0] for r in reqs]
     assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
@@ -85,8 +94,14 @@ def test_default_model_loads_fast_from_cache_and_answers():
     assert (cfg.num_hidden_layers, cfg.hidden_size) == (30, 576)
     assert "quantization_config" not in cfg.to_dict()
     engine = Engine(loaded)
-    (res,) = engine.generate([GenerationRequest(
-        [{"role": "user", "content": "What is the capital of France? One word."}],
-        None, SamplingParams(max_new_tokens=12, temperature=0))])
+    (res,) = engine.generate(
+        [
+            GenerationRequest(
+                [{"role": "user", "content": "What is the capital of France? One word."}],
+                None,
+                SamplingParams(max_new_tokens=12, temperature=0),
+            )
+        ]
+    )
     assert "Paris" in res.text
     assert res.finish_reason in ("eos", "length")

@@ -79,8 +79,9 @@ def test_import_round_trip_is_exact(bank, tmp_path):
 def test_import_lower_rank_adapter_pads_and_rescales(bank, tmp_path):
     peft = get_peft_model(
         model_lib.load("tiny").model,
-        LoraConfig(r=2, lora_alpha=7, target_modules=["q_proj"], lora_dropout=0.0,
-                   init_lora_weights=False),
+        LoraConfig(
+            r=2, lora_alpha=7, target_modules=["q_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
     )
     peft.save_pretrained(tmp_path / "r2")
     with torch.inference_mode():
@@ -108,9 +109,12 @@ def test_bad_adapters_are_refused_and_change_nothing(bank, tmp_path):
     missing.mkdir()
     cases["no adapter_config.json"] = missing
     nan = _adapter(tmp_path / "4", bank)
-    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-               torch.full((4, 64), float("nan")),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.full(
+            (4, 64), float("nan")
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+    }
     save_file(tensors, str(nan / "adapter_model.safetensors"))
     cases["NaN or inf"] = nan
     pickled = _adapter(tmp_path / "5", bank)
