@@ -19,3 +19,7 @@ class GateError(NeekoError, ValueError):
 
 class GenerationError(NeekoError, ValueError):
     """A generation request is malformed (empty messages, prompt too long, bad sampling)."""
+
+
+class CardError(NeekoError, ValueError):
+    """A character card is malformed, too large, or has a field Neeko cannot use as given."""

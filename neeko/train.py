@@ -1,0 +1,303 @@
+"""Training blocks: pre-tuning, expansion, and the shared-LoRA baseline.
+
+Every example trains only its own character's block (a one-hot gate), so blocks never
+overlap: the other blocks are not parameters of the optimiser and receive no gradient.
+Expansion appends a block and trains it alone; every old character's output is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from neeko.cards import CharacterCard
+from neeko.characters import Catalog, slug, system_prompt
+from neeko.dialogues import IGNORE, Dialogue, Example, batches, encode
+from neeko.errors import NeekoError
+from neeko.lora import LoRABank
+from neeko.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters of block training."""
+
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    epochs: int = 4
+    """Passes over the examples."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (None: run all epochs)."""
+    batch_size: int = 4
+    """Dialogues per step (rows of different characters may share a batch)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the trained blocks."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    seed: int = 0
+    """Seeds data order and nothing else (blocks start from the bank's init)."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints when a checkpoint folder is given."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("lr must be > 0, epochs and batch_size >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrainReport:
+    """What a training run did."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last few steps."""
+        tail = self.losses[-5:]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+class TrainingError(NeekoError):
+    """Training cannot start: no examples, an unknown block, a checkpoint that does not fit."""
+
+
+def train_blocks(
+    loaded: LoadedModel,
+    bank: LoRABank,
+    examples: list[Example],
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainReport:
+    """Train the blocks named by `examples` (each example's `block`), one-hot gated.
+
+    Only those blocks change; on return they are written back into the bank and frozen.
+    With `checkpoint_dir`, progress is saved every `checkpoint_every` steps and a later call
+    with the same arguments resumes from the last checkpoint.
+    """
+    cfg = config or TrainConfig()
+    blocks = sorted({_block_of(e, bank) for e in examples})
+    order = _schedule(examples, cfg)
+    total = min(len(order), cfg.max_steps or len(order))
+    params = bank.train_blocks(blocks)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    start = _resume(ckpt, params, optimizer) if ckpt else 0
+    report = TrainReport(steps=start, resumed_from=start)
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
+    try:
+        for step in range(start, total):
+            loss = train_step(loaded, bank, order[step], params, optimizer, cfg.grad_clip)
+            report.losses.append(loss)
+            report.steps = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if ckpt and (report.steps % cfg.checkpoint_every == 0 or report.steps == total):
+                _save_checkpoint(ckpt, params, optimizer, report.steps)
+    finally:
+        bar.close()
+        bank.freeze()
+    return report
+
+
+def train_step(
+    loaded: LoadedModel,
+    bank: LoRABank,
+    batch: list[Example],
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+) -> float:
+    """One optimiser step on `batch`; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = batch_loss(loaded, bank, batch, [{e.block: 1.0} for e in batch])
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def batch_loss(
+    loaded: LoadedModel, bank: LoRABank | None, batch: list[Example], gates: list[dict]
+) -> Tensor:
+    """Mean next-token loss over the labelled tokens of `batch`, each row under its gate."""
+    ids, labels, mask = _collate(batch, loaded)
+    if bank is None:
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    else:
+        with bank.route(gates):
+            logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def token_nll(
+    loaded: LoadedModel, bank: LoRABank | None, example: Example, gate: dict
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the labelled tokens of one example, and their count."""
+    with torch.inference_mode():
+        loss = batch_loss(loaded, bank, [example], [gate])
+    n = sum(1 for t in example.labels[1:] if t != IGNORE)
+    return float(loss) * n, n
+
+
+def _collate(batch: list[Example], loaded: LoadedModel) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(len(e.ids) for e in batch)
+    pad = loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.ids)] = 1
+    dev = loaded.device
+    return ids.to(dev), labels.to(dev), mask.to(dev)
+
+
+def _block_of(example: Example, bank: LoRABank) -> int:
+    if example.block is None or not 0 <= example.block < bank.n_blocks:
+        raise TrainingError(
+            f"example of {example.character!r} has no valid block ({example.block})"
+        )
+    return example.block
+
+
+def _schedule(examples: list[Example], cfg: TrainConfig) -> list[list[Example]]:
+    """Every epoch's batches, in a seeded order; the same for the same seed (for resume)."""
+    if not examples:
+        raise TrainingError("no training examples")
+    rng = random.Random(cfg.seed)
+    order: list[list[Example]] = []
+    for _ in range(cfg.epochs):
+        shuffled = examples[:]
+        rng.shuffle(shuffled)
+        order += list(batches(shuffled, cfg.batch_size))
+    return order
+
+
+def _save_checkpoint(
+    folder: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer, step: int
+) -> None:
+    """Block weights and AdamW moments as safetensors, then the step, written atomically."""
+    tensors = {}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach().cpu().contiguous()
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                tensors[f"{key}.{i}"] = torch.as_tensor(state[key]).detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp)
+    os.replace(tmp, folder / "state.safetensors")
+    meta = {"step": step, "params": len(params)}
+    (folder / "progress.json.tmp").write_text(json.dumps(meta))
+    os.replace(folder / "progress.json.tmp", folder / "progress.json")
+
+
+def _resume(folder: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer) -> int:
+    """Load the last checkpoint in `folder` if there is one; returns the step to start at."""
+    if not (folder / "progress.json").exists():
+        return 0
+    meta = json.loads((folder / "progress.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    if meta.get("params") != len(params):
+        raise TrainingError(f"{folder}: checkpoint is for another set of blocks; remove it")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if tensors[f"param.{i}"].shape != p.shape:
+                raise TrainingError(f"{folder}: checkpoint shapes do not fit; remove it")
+            p.copy_(tensors[f"param.{i}"])
+            if f"exp_avg.{i}" in tensors:
+                opt.state[p] = {
+                    "exp_avg": tensors[f"exp_avg.{i}"].to(p),
+                    "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p),
+                    "step": tensors[f"step.{i}"],  # AdamW keeps its step count on the CPU
+                }
+    return int(meta["step"])
+
+
+def character_examples(
+    loaded: LoadedModel, card: CharacterCard, dialogues: list[Dialogue], block: int
+) -> list[Example]:
+    """Tokenised dialogues of one character, rendered with its system prompt, for `block`."""
+    system = system_prompt(card)
+    out = []
+    for d in dialogues:
+        if d.character != card.name:
+            raise TrainingError(f"{d.source}: dialogue of {d.character!r}, expected {card.name!r}")
+        ex = encode(loaded.tokenizer, system, d)
+        ex.block = block
+        out.append(ex)
+    return out
+
+
+def pretune(
+    catalog: Catalog,
+    loaded: LoadedModel,
+    bank: LoRABank,
+    members: list[tuple[CharacterCard, list[Dialogue]]],
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainReport:
+    """Give each character a fresh block and train them together, each on its own data.
+
+    The characters are added to `catalog` as trained and their blocks saved in its store.
+    """
+    cfg = config or TrainConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    blocks = bank.add_blocks(len(members), init="lora", generator=gen)
+    examples = []
+    for (card, dialogues), block in zip(members, blocks, strict=True):
+        examples += character_examples(loaded, card, dialogues, block)
+    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
+    for (card, _), block in zip(members, blocks, strict=True):
+        _register_trained(catalog, bank, card, block)
+    catalog.save()
+    return report
+
+
+def expand(
+    catalog: Catalog,
+    loaded: LoadedModel,
+    bank: LoRABank,
+    card: CharacterCard,
+    dialogues: list[Dialogue],
+    config: TrainConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainReport:
+    """Append a block for a new character and train only it; old blocks are untouched."""
+    cfg = config or TrainConfig()
+    (block,) = bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
+    examples = character_examples(loaded, card, dialogues, block)
+    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
+    _register_trained(catalog, bank, card, block)
+    catalog.save()
+    return report
+
+
+def _register_trained(catalog: Catalog, bank: LoRABank, card: CharacterCard, block: int) -> None:
+    key = slug(card.name)
+    existing = catalog.characters.get(key)
+    char = existing if existing is not None else catalog.add(card, "trained")
+    char.status, char.block, char.fused_from = "trained", block, {}
+    bank.save_block(block, catalog.block_path(key), meta={"character": card.name})

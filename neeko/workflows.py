@@ -1,0 +1,148 @@
+"""End-to-end operations on a character store, shared by the CLI and the services.
+
+Each opens what it needs (model, bank, catalog), does one job and leaves the store
+consistent: train the starter cast, expand a store by one character, fuse a card, evaluate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neeko import model as model_lib
+from neeko.cards import CharacterCard
+from neeko.characters import CAST_DIR, Catalog, CatalogError, read_cast, slug
+from neeko.dialogues import Dialogue, read_dialogues
+from neeko.engine import Engine
+from neeko.evaluate import Shared, evaluate
+from neeko.lora import BankConfig, LoRABank
+from neeko.model import LoadedModel, cache_dir
+from neeko.train import TrainConfig, TrainReport, character_examples, expand, pretune, train_blocks
+
+CAST_STORE = CAST_DIR / "store"
+
+
+@dataclass
+class Runtime:
+    """A loaded model with a store's blocks in its bank."""
+
+    catalog: Catalog
+    loaded: LoadedModel
+    bank: LoRABank
+    engine: Engine
+
+
+def open_runtime(
+    store: str | Path = CAST_STORE, model: str = "default", device: str | None = None
+) -> Runtime:
+    """Load `model`, wrap it in a bank and load every trained block of `store`."""
+    catalog = Catalog.open(store)
+    loaded = model_lib.load(model, device=device)
+    bank = LoRABank(loaded.model, BankConfig())
+    catalog.load_blocks(bank)
+    return Runtime(catalog, loaded, bank, Engine(loaded, bank))
+
+
+def train_cast(
+    store: str | Path = CAST_STORE,
+    model: str = "default",
+    config: TrainConfig | None = None,
+    device: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[Catalog, TrainReport]:
+    """Pre-tune the starter cast from scratch into `store` (one block per member)."""
+    members = [(m.card, read_dialogues(m.train)) for m in read_cast()]
+    loaded = model_lib.load(model, device=device)
+    bank = LoRABank(loaded.model, BankConfig())
+    catalog = Catalog(store)
+    report = pretune(catalog, loaded, bank, members, config, checkpoint_dir)
+    return catalog, report
+
+
+def expand_store(
+    store: str | Path,
+    card: CharacterCard,
+    dialogues: list[Dialogue],
+    model: str = "default",
+    config: TrainConfig | None = None,
+    device: str | None = None,
+) -> tuple[Runtime, TrainReport]:
+    """Give `card` its own block in `store`, trained on `dialogues`; the others stay as they are."""
+    rt = open_runtime(store, model, device)
+    existing = rt.catalog.find(card.name)
+    if existing is not None and existing.status == "trained":
+        raise CatalogError(f"{card.name!r} already has a trained block")
+    report = expand(rt.catalog, rt.loaded, rt.bank, card, dialogues, config)
+    return rt, report
+
+
+def fuse_card(store: str | Path, card: CharacterCard) -> tuple[Catalog, float]:
+    """Register `card` as fused (gate weights only); returns the catalog and seconds taken."""
+    catalog = Catalog.open(store)
+    catalog.encoder  # noqa: B018 (load the encoder before timing the fusion itself)
+    t0 = time.perf_counter()
+    catalog.fuse(card)
+    catalog.save()
+    return catalog, time.perf_counter() - t0
+
+
+def shared_baseline(
+    members: list[tuple[CharacterCard, list[Dialogue]]],
+    model: str,
+    config: TrainConfig,
+    device: str | None = None,
+) -> Shared:
+    """One LoRA of rank N*p trained on every member's data (cached by content hash)."""
+    loaded = model_lib.load(model, device=device)
+    rank = BankConfig().rank * len(members)
+    bank = LoRABank(loaded.model, BankConfig(rank=rank, alpha=BankConfig().alpha * len(members)))
+    cached = cache_dir() / "baselines" / f"shared-{_digest(members, model, config)}.safetensors"
+    if cached.exists():
+        bank.load_block(cached)
+        return Shared(loaded, bank)
+    (block,) = bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(config.seed))
+    examples = []
+    for card, dialogues in members:
+        examples += character_examples(loaded, card, dialogues, block)
+    train_blocks(loaded, bank, examples, config)
+    bank.save_block(block, cached)
+    return Shared(loaded, bank)
+
+
+def eval_cast(
+    model: str = "default", config: TrainConfig | None = None, device: str | None = None
+) -> dict:
+    """The eval table of the starter cast on its held-out split, with the shared baseline."""
+    cast = read_cast()
+    rt = open_runtime(CAST_STORE, model, device)
+    heldout = {slug(m.card.name): read_dialogues(m.heldout) for m in cast}
+    members = [(m.card, read_dialogues(m.train)) for m in cast]
+    shared = shared_baseline(members, model, config or TrainConfig(), device)
+    roles = read_roles(CAST_DIR / "roles.jsonl")
+    result = evaluate(rt.catalog, rt.loaded, rt.bank, heldout, shared, roles)
+    result["model"] = model
+    return result
+
+
+def read_roles(path: Path) -> list[tuple[str, str]]:
+    """(description, character name) pairs for role-selection accuracy."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["description"], r["character"]) for r in rows]
+
+
+def _digest(
+    members: list[tuple[CharacterCard, list[Dialogue]]], model: str, config: TrainConfig
+) -> str:
+    h = hashlib.sha256(f"{model}|{config}".encode())
+    for card, dialogues in members:
+        h.update(card.name.encode())
+        for d in dialogues:
+            h.update(repr(d.messages).encode())
+    return h.hexdigest()[:16]
