@@ -102,6 +102,8 @@ class Catalog:
         """An empty catalog; `open` reads an existing store."""
         self.folder = Path(folder) if folder else None
         self.encoder_name = encoder
+        self.model = ""
+        """Base model the blocks were trained on (a block only fits that model)."""
         self.characters: dict[str, Character] = {}
         self.embeddings: dict[str, Tensor] = {}
         self._encoder: RoleEncoder | None = None
@@ -121,6 +123,7 @@ class Catalog:
         if manifest.get("version") != STORE_VERSION:
             raise CatalogError(f"{folder}: store version {manifest.get('version')!r} unsupported")
         catalog = cls(folder, manifest.get("encoder", "default"))
+        catalog.model = manifest.get("model", "")
         for entry in manifest["characters"]:
             card = CharacterCard.from_dict(entry["card"])
             catalog.characters[entry["key"]] = Character(
@@ -143,6 +146,7 @@ class Catalog:
         manifest = {
             "version": STORE_VERSION,
             "encoder": self.encoder_name,
+            "model": self.model,
             "characters": [c.to_json() for c in self.characters.values()],
         }
         text = json.dumps(manifest, indent=2, ensure_ascii=False)
@@ -259,6 +263,7 @@ def _atomic(path: Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,7 +62,152 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--rounds", type=int, default=None, help="timed rounds (median)")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(func=_bench_engine)
+    _character_commands(sub)
     return parser
+
+
+def _character_commands(sub: argparse._SubParsersAction) -> None:
+    chars = sub.add_parser("characters", help="list the catalog (default: the starter cast)")
+    chars.add_argument("--store", default=None, help="character store folder")
+    chars.add_argument("--json", action="store_true")
+    chars.set_defaults(func=_characters)
+
+    train = sub.add_parser("train", help="pre-tune blocks (the starter cast with --cast)")
+    train.add_argument("--cast", action="store_true", help="rebuild the starter cast's blocks")
+    train.add_argument("--store", default=None, help="store to write (default: the cast's)")
+    _train_args(train)
+    train.set_defaults(func=_train)
+
+    expand = sub.add_parser("expand", help="give one new character its own block")
+    expand.add_argument("--store", required=True)
+    expand.add_argument("--card", required=True, help="character card (JSON or PNG)")
+    expand.add_argument("--data", required=True, help="the character's dialogues (JSONL)")
+    _train_args(expand)
+    expand.set_defaults(func=_expand)
+
+    fuse = sub.add_parser("fuse", help="register a character by fusion (no training)")
+    fuse.add_argument("--store", required=True)
+    fuse.add_argument("--card", required=True, help="character card (JSON or PNG)")
+    fuse.set_defaults(func=_fuse)
+
+    ev = sub.add_parser("eval", help="held-out NLL per character (own / fused / base / shared)")
+    ev.add_argument("--cast", action="store_true", help="the starter cast's held-out split")
+    ev.add_argument("--model", default="default")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
+    p.add_argument("--device", default=None)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of TrainConfig)
+    from neeko.train import TrainConfig
+
+    return TrainConfig(
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        seed=args.seed,
+    )
+
+
+def _characters(args: argparse.Namespace) -> int:
+    from neeko.characters import Catalog
+    from neeko.workflows import CAST_STORE
+
+    catalog = Catalog.open(args.store or CAST_STORE)
+    rows = [
+        {"name": c.name, "aliases": list(c.card.aliases), "status": c.status}
+        for c in catalog.characters.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+    for r in [] if args.json else rows:
+        aliases = f" (also: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        print(f"{r['name']}{aliases} [{r['status']}]")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from neeko.workflows import CAST_STORE, train_cast
+
+    if not args.cast:
+        print(
+            "neeko: error: only --cast is supported for now; use `neeko expand` to add "
+            "a character to a store",
+            file=sys.stderr,
+        )
+        return 2
+    catalog, report = train_cast(
+        args.store or CAST_STORE, args.model, _train_config(args), args.device, args.checkpoint
+    )
+    print(
+        f"trained {len(catalog.trained())} characters in {report.steps} steps "
+        f"(final loss {report.final_loss:.3f}) into {catalog.folder}"
+    )
+    return 0
+
+
+def _expand(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neeko.cards import parse_card
+    from neeko.dialogues import read_dialogues
+    from neeko.workflows import expand_store
+
+    card = parse_card(Path(args.card).read_bytes(), args.card)
+    rt, report = expand_store(
+        args.store, card, read_dialogues(args.data), args.model, _train_config(args), args.device
+    )
+    print(
+        f"{card.name}: trained block {rt.catalog.find(card.name).block} in {report.steps} "
+        f"steps (final loss {report.final_loss:.3f}); other blocks unchanged"
+    )
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neeko.cards import parse_card
+    from neeko.workflows import fuse_card
+
+    card = parse_card(Path(args.card).read_bytes(), args.card)
+    catalog, seconds = fuse_card(args.store, card)
+    weights = catalog.find(card.name).fused_from
+    mix = ", ".join(f"{catalog.characters[k].name} {w:.2f}" for k, w in weights.items())
+    print(
+        f"{card.name}: fused from {mix or 'nothing (no trained characters)'} "
+        f"in {seconds * 1e3:.0f} ms"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from neeko.workflows import eval_cast
+
+    if not args.cast:
+        print("neeko: error: only --cast is supported for now", file=sys.stderr)
+        return 2
+    result = eval_cast(args.model, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name, row in result["characters"].items():
+        cells = "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("nll"))
+        print(f"{name:<28} {cells}")
+    print(f"{'mean':<28} " + "  ".join(f"{k}={v:.3f}" for k, v in result["mean"].items()))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

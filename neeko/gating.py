@@ -56,7 +56,8 @@ class RoleEncoder:
         """Load the sentence-transformers model `name` (a path or id; `default` is packaged)."""
         self.name = name
         self.model = _load_encoder(encoder_path(name), device or "cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None)
+        self.dim = int(dim() if dim else self.model.get_sentence_embedding_dimension())
 
     def encode(self, texts: list[str]) -> Tensor:
         """(len(texts), dim) float32 embeddings on CPU, L2-normalised."""

@@ -269,6 +269,7 @@ def pretune(
     for (card, dialogues), block in zip(members, blocks, strict=True):
         examples += character_examples(loaded, card, dialogues, block)
     report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
+    catalog.model = loaded.name
     for (card, _), block in zip(members, blocks, strict=True):
         _register_trained(catalog, bank, card, block)
     catalog.save()

@@ -42,6 +42,10 @@ def open_runtime(
 ) -> Runtime:
     """Load `model`, wrap it in a bank and load every trained block of `store`."""
     catalog = Catalog.open(store)
+    if catalog.model and catalog.model != model:
+        raise CatalogError(
+            f"{store}: blocks were trained on model {catalog.model!r}, not {model!r}"
+        )
     loaded = model_lib.load(model, device=device)
     bank = LoRABank(loaded.model, BankConfig())
     catalog.load_blocks(bank)

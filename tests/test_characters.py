@@ -1,0 +1,205 @@
+"""Catalog, gating, starter cast, expansion: the paper's method on the tiny model."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from neeko import characters as chars_mod
+from neeko.cards import card_from_fields
+from neeko.characters import Catalog, CatalogError, read_cast, slug, system_prompt
+from neeko.dialogues import Dialogue, read_dialogues
+from neeko.gating import GateConfig, LearnedGate, RoleEncoder, fusion_gate
+from neeko.lora import LoRABank
+from neeko.train import TrainConfig, character_examples, expand, pretune, token_nll
+from neeko.workflows import read_roles
+
+PIRATE = card_from_fields(
+    "Captain Mara Vell",
+    "A weathered pirate captain who speaks in salty sea slang.",
+    aliases=["Mara", "Captain Vell"],
+)
+DETECTIVE = card_from_fields(
+    "Inspector Edmund Gray", "A precise Victorian detective in foggy London.", aliases=["Gray"]
+)
+ROBOT = card_from_fields("BOLT-7", "A cheerful helper robot who beeps and counts odds.")
+
+
+def test_slug_and_system_prompt():
+    assert slug("Captain Mara Vell") == "captain_mara_vell"
+    assert slug("BOLT-7") == "bolt_7"
+    prompt = system_prompt(PIRATE)
+    assert prompt.startswith("You are Captain Mara Vell. A weathered pirate captain")
+    assert prompt.endswith("reply as Captain Mara Vell.")
+
+
+def test_encoder_size_follows_the_model():
+    enc = RoleEncoder()
+    emb = enc.encode(["a grumpy sea captain", "a detective"])
+    assert emb.shape == (2, enc.dim)
+    assert enc.dim == 384  # all-MiniLM-L6-v2; read from the model, not hard-coded
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_fusion_gate_is_a_sharp_softmax_over_the_nearest():
+    embs = torch.eye(4)
+    query = torch.tensor([0.9, 0.4, 0.1, 0.0])
+    gate = fusion_gate(query, embs, [10, 11, 12, 13], GateConfig(tau=0.1, top_k=2))
+    assert list(gate) == [10, 11]
+    assert sum(gate.values()) == pytest.approx(1.0)
+    assert gate[10] > 0.9
+    flat = fusion_gate(query, embs, [10, 11, 12, 13], GateConfig(tau=10.0, top_k=2))
+    assert flat[10] < gate[10]
+
+
+def test_learned_gate_grows_without_forgetting():
+    gate = LearnedGate(dim=8, n_blocks=3)
+    with torch.no_grad():
+        gate.proj.weight.normal_()
+    old = gate.proj.weight.clone()
+    gate.grow(2)
+    assert gate.proj.weight.shape == (5, 8)
+    assert torch.equal(gate.proj.weight[:3], old)
+    weights = gate(torch.randn(4, 8))
+    assert torch.allclose(weights.sum(-1), torch.ones(4))
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path / "store")
+    for card in (PIRATE, DETECTIVE, ROBOT):
+        cat.add(card, "trained")
+    for i, c in enumerate(cat.characters.values()):
+        c.block = i
+    return cat
+
+
+def test_resolve_exact_alias_misspelling_and_free_text(catalog):
+    assert catalog.resolve("captain vell").character.name == "Captain Mara Vell"
+    assert catalog.resolve("  INSPECTOR   edmund gray ").character.name == "Inspector Edmund Gray"
+    near = catalog.resolve("Captian Mara Vel")
+    assert near.kind == "suggestions"
+    assert near.suggestions == ["Captain Mara Vell"]
+    persona = catalog.resolve("a grumpy old sea dog")
+    assert persona.kind == "persona"
+    gate = catalog.persona_gate(persona.text)
+    assert max(gate, key=gate.get) == catalog.find("Mara").block
+
+
+def test_names_and_aliases_are_unique(catalog):
+    with pytest.raises(CatalogError, match="already taken"):
+        catalog.add(card_from_fields("Mara", "Another Mara."))
+
+
+def test_fuse_is_fast_and_mixes_trained_characters(catalog):
+    catalog.encoder
+    t0 = time.perf_counter()
+    char = catalog.fuse(card_from_fields("Old Salt", "A gruff old sailor of the high seas."))
+    assert time.perf_counter() - t0 < 1.0
+    assert char.status == "fused"
+    assert sum(char.fused_from.values()) == pytest.approx(1.0)
+    assert max(char.fused_from, key=char.fused_from.get) == "captain_mara_vell"
+    assert set(catalog.gate(char.key)) <= {0, 1, 2}
+
+
+def test_store_round_trip_and_atomic_save(catalog, monkeypatch):
+    catalog.save()
+    again = Catalog.open(catalog.folder)
+    assert [c.name for c in again.characters.values()] == [
+        c.name for c in catalog.characters.values()
+    ]
+    assert all(torch.equal(again.embeddings[k], v) for k, v in catalog.embeddings.items())
+    manifest = (catalog.folder / "manifest.json").read_text()
+
+    catalog.add(card_from_fields("Newcomer", "Someone new."))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(chars_mod.json, "dumps", crash)
+    with pytest.raises(OSError, match="disk full"):
+        catalog.save()
+    assert (catalog.folder / "manifest.json").read_text() == manifest
+    assert not list(catalog.folder.glob("*.tmp"))
+
+
+def test_unreadable_store_is_a_clear_error(tmp_path):
+    with pytest.raises(CatalogError, match="not a character store"):
+        Catalog.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(CatalogError, match="version 99"):
+        Catalog.open(tmp_path)
+
+
+def test_starter_cast_is_complete():
+    cast = read_cast()
+    assert len(cast) >= 4
+    assert len({m.card.name for m in cast}) == len(cast)
+    for m in cast:
+        exchanges = [
+            sum(1 for role, _ in d.messages if role == "character")
+            for path in (m.train, m.heldout)
+            for d in read_dialogues(path)
+        ]
+        assert sum(exchanges) >= 40, m.card.name
+        assert all(d.character == m.card.name for d in read_dialogues(m.train))
+    roles = read_roles(chars_mod.CAST_DIR / "roles.jsonl")
+    assert {name for _, name in roles} == {m.card.name for m in cast}
+
+
+def _dialogues(name, lines):
+    return [
+        Dialogue(name, [("user", q), ("character", a)], f"t:{i}") for i, (q, a) in enumerate(lines)
+    ]
+
+
+PIRATE_LINES = [
+    ("Who are you?", "Arr, Captain Mara Vell of the Salt Widow!"),
+    ("Any advice?", "Never trust the navy, matey."),
+]
+DETECTIVE_LINES = [("Any clues?", "Most singular: the ash is from a Trichinopoly cigar.")]
+ROBOT_LINES = [
+    ("Hello!", "*beep-boop!* Greetings, friend! Odds of a fine day: 97 percent!"),
+    ("Can you help?", "*beep!* Helping is my favourite function!"),
+]
+
+
+def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
+    bank = LoRABank(tiny.model)
+    catalog = Catalog(tmp_path / "store")
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=2)
+    pretune(
+        catalog,
+        tiny,
+        bank,
+        [
+            (PIRATE, _dialogues(PIRATE.name, PIRATE_LINES)),
+            (DETECTIVE, _dialogues(DETECTIVE.name, DETECTIVE_LINES)),
+        ],
+        cfg,
+        progress=False,
+    )
+    ids = torch.tensor([[1, 200, 3000, 45, 9, 800]])
+    gates = [catalog.gate(c.key) for c in catalog.trained()]
+
+    def outputs():
+        with torch.inference_mode(), bank.route(gates):
+            return tiny.model(ids.repeat(len(gates), 1)).logits
+
+    before = outputs()
+    robot = _dialogues(ROBOT.name, ROBOT_LINES)
+    fused = catalog.gate_from_weights(
+        catalog.fusion_weights(catalog.encoder.encode([ROBOT.persona_text()])[0])
+    )
+    expand(catalog, tiny, bank, ROBOT, robot, TrainConfig(epochs=10, lr=1e-2), progress=False)
+    assert torch.equal(outputs(), before)
+    new = catalog.find("BOLT-7")
+    assert new.status == "trained"
+    assert new.block == 2
+    examples = character_examples(tiny, ROBOT, robot, 2)
+    own = sum(token_nll(tiny, bank, e, {2: 1.0})[0] for e in examples)
+    mix = sum(token_nll(tiny, bank, e, fused)[0] for e in examples)
+    assert own < mix
+    reopened = Catalog.open(catalog.folder)
+    assert [c.name for c in reopened.trained()] == [PIRATE.name, DETECTIVE.name, ROBOT.name]
