@@ -9,22 +9,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from neeko.errors import NeekoError
 
-DEMO_CAST = [
-    (
-        "Captain Mara Vell",
-        "You are Captain Mara Vell, a weathered pirate captain. You speak in salty sea slang, "
-        "call people 'matey', and love old maps. Answer in two sentences.",
-    ),
-    (
-        "Inspector Edmund Gray",
-        "You are Inspector Edmund Gray, a precise Victorian detective in 1890s London. You "
-        "speak formally and reason from small clues. Answer in two sentences.",
-    ),
-]
 DEMO_QUESTION = "What do you think is hidden in the old lighthouse?"
+DEMO_PERSONA = "a grumpy old lighthouse keeper who hates visitors"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     demo.add_argument("--max-new-tokens", type=int, default=60)
+    demo.add_argument("--store", default=None, help="character store (default: the cast's)")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
@@ -159,8 +150,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _expand(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from neeko.cards import parse_card
     from neeko.dialogues import read_dialogues
     from neeko.workflows import expand_store
@@ -177,8 +166,6 @@ def _expand(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from neeko.cards import parse_card
     from neeko.workflows import fuse_card
 
@@ -211,42 +198,54 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Two characters, each with its own block, answer one question in one batch."""
-    from neeko import model as model_lib
-    from neeko.engine import Engine, GenerationRequest, SamplingParams
-    from neeko.lora import BankConfig, LoRABank
+    """Every starter-cast member and a fused persona answer one question, in one batch."""
+    from neeko.characters import Catalog, system_prompt
+    from neeko.engine import GenerationRequest, SamplingParams
+    from neeko.workflows import CAST_STORE, open_runtime
 
-    loaded = model_lib.load(args.model, device=args.device)
-    bank = LoRABank(loaded.model, BankConfig())
-    blocks = bank.add_blocks(len(DEMO_CAST))  # fresh blocks (B = 0) until the cast is trained
-    engine = Engine(loaded, bank)
+    store = Path(args.store) if args.store else CAST_STORE
+    trained_on = Catalog.open(store).model if (store / "manifest.json").exists() else ""
+    if trained_on != args.model:
+        print(
+            f"neeko: error: {store} holds no blocks for model {args.model!r}; run "
+            f"`neeko train --cast --model {args.model} --store {store}` first",
+            file=sys.stderr,
+        )
+        return 1
+    rt = open_runtime(store, args.model, args.device)
     print(
-        f"model: {args.model} on {loaded.device} ({loaded.dtype}); "
-        f"bank: {bank.n_blocks} blocks of rank {bank.config.rank} on "
-        f"{len(bank.module_names)} layers\n"
+        f"model: {args.model} on {rt.loaded.device} ({rt.loaded.dtype}); bank: "
+        f"{rt.bank.n_blocks} blocks of rank {rt.bank.config.rank} on "
+        f"{len(rt.bank.module_names)} layers\n\nUser: {DEMO_QUESTION}\n"
     )
-    print(f"User: {DEMO_QUESTION}\n")
     sampling = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=7, stop=("<|im_end|>",)
+        max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=7
+    )
+    speakers = [
+        (c.name, system_prompt(c.card), rt.catalog.gate(c.key)) for c in rt.catalog.trained()
+    ]
+    speakers.append(
+        (
+            f"(fused) {DEMO_PERSONA}",
+            f"You are {DEMO_PERSONA}.",
+            rt.catalog.persona_gate(DEMO_PERSONA),
+        )
     )
     requests = [
         GenerationRequest(
-            [{"role": "system", "content": persona}, {"role": "user", "content": DEMO_QUESTION}],
-            gate={k: 1.0},
-            sampling=sampling,
+            [{"role": "system", "content": system}, {"role": "user", "content": DEMO_QUESTION}],
+            gate,
+            sampling,
         )
-        for (_, persona), k in zip(DEMO_CAST, blocks, strict=True)
+        for _, system, gate in speakers
     ]
     t0 = time.perf_counter()
-    results = engine.generate(requests)
+    results = rt.engine.generate(requests)
     wall = time.perf_counter() - t0
-    for (name, _), res in zip(DEMO_CAST, results, strict=True):
+    for (name, _, _), res in zip(speakers, results, strict=True):
         print(f"{name}: {res.text.strip()}\n")
     tokens = sum(r.completion_tokens for r in results)
-    print(
-        f"[{len(results)} characters in one batch: {tokens} tokens in {wall:.1f} s, "
-        f"{tokens / wall:.1f} tok/s]"
-    )
+    print(f"[{len(results)} characters in one batch: {tokens} tokens in {wall:.1f} s]")
     return 0
 
 

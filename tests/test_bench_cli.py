@@ -45,12 +45,25 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["mixed_vs_single_k8"] == pytest.approx(ratio, rel=1e-2)
 
 
-def test_demo_runs_two_characters_in_one_batch(capsys):
-    assert main(["demo", "--model", "tiny", "--max-new-tokens", "5"]) == 0
+def test_train_cast_then_demo_and_characters(capsys, tmp_path):
+    store = str(tmp_path / "store")
+    args = ["--model", "tiny", "--store", store]
+    assert main(["train", "--cast", *args, "--max-steps", "2"]) == 0
+    assert "trained 4 characters in 2 steps" in capsys.readouterr().out
+    assert main(["characters", "--store", store, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {c["status"] for c in listed} == {"trained"}
+    assert "Captain Mara Vell" in {c["name"] for c in listed}
+    assert main(["demo", *args, "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "Captain Mara Vell:" in out
-    assert "Inspector Edmund Gray:" in out
-    assert "2 characters in one batch" in out
+    assert "(fused) a grumpy old lighthouse keeper" in out
+    assert "5 characters in one batch" in out
+
+
+def test_demo_without_blocks_for_the_model_says_what_to_run(capsys, tmp_path):
+    assert main(["demo", "--model", "tiny", "--store", str(tmp_path)]) == 1
+    assert "neeko train --cast --model tiny" in capsys.readouterr().err
 
 
 def test_cli_reports_user_errors_without_traceback(capsys, tmp_path):
