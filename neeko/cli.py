@@ -150,11 +150,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _expand(args: argparse.Namespace) -> int:
-    from neeko.cards import parse_card
     from neeko.dialogues import read_dialogues
     from neeko.workflows import expand_store
 
-    card = parse_card(Path(args.card).read_bytes(), args.card)
+    card = _read_card(args.card)
     rt, report = expand_store(
         args.store, card, read_dialogues(args.data), args.model, _train_config(args), args.device
     )
@@ -165,11 +164,21 @@ def _expand(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fuse(args: argparse.Namespace) -> int:
+def _read_card(path: str):  # noqa: ANN202 (CharacterCard is imported lazily)
     from neeko.cards import parse_card
+    from neeko.errors import CardError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
+    return parse_card(data, path)
+
+
+def _fuse(args: argparse.Namespace) -> int:
     from neeko.workflows import fuse_card
 
-    card = parse_card(Path(args.card).read_bytes(), args.card)
+    card = _read_card(args.card)
     catalog, seconds = fuse_card(args.store, card)
     weights = catalog.find(card.name).fused_from
     mix = ", ".join(f"{catalog.characters[k].name} {w:.2f}" for k, w in weights.items())
@@ -201,18 +210,20 @@ def _demo(args: argparse.Namespace) -> int:
     """Every starter-cast member and a fused persona answer one question, in one batch."""
     from neeko.characters import Catalog, system_prompt
     from neeko.engine import GenerationRequest, SamplingParams
-    from neeko.workflows import CAST_STORE, open_runtime
+    from neeko.workflows import CAST_STORE, open_runtime, untrained_cast_runtime
 
     store = Path(args.store) if args.store else CAST_STORE
     trained_on = Catalog.open(store).model if (store / "manifest.json").exists() else ""
-    if trained_on != args.model:
+    if trained_on == args.model:
+        rt = open_runtime(store, args.model, args.device)
+    else:
         print(
-            f"neeko: error: {store} holds no blocks for model {args.model!r}; run "
-            f"`neeko train --cast --model {args.model} --store {store}` first",
+            f"neeko: {store} holds no blocks for model {args.model!r}, so the cast plays from "
+            f"their profiles with empty blocks; `neeko train --cast --model {args.model} "
+            f"--store {store}` trains them",
             file=sys.stderr,
         )
-        return 1
-    rt = open_runtime(store, args.model, args.device)
+        rt = untrained_cast_runtime(args.model, args.device)
     print(
         f"model: {args.model} on {rt.loaded.device} ({rt.loaded.dtype}); bank: "
         f"{rt.bank.n_blocks} blocks of rank {rt.bank.config.rank} on "

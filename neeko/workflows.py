@@ -52,6 +52,16 @@ def open_runtime(
     return Runtime(catalog, loaded, bank, Engine(loaded, bank))
 
 
+def untrained_cast_runtime(model: str = "default", device: str | None = None) -> Runtime:
+    """The starter cast with fresh blocks (the base model until `neeko train --cast`)."""
+    catalog = Catalog()
+    loaded = model_lib.load(model, device=device)
+    bank = LoRABank(loaded.model, BankConfig())
+    for member, block in zip(read_cast(), bank.add_blocks(len(read_cast())), strict=True):
+        catalog.add(member.card, "trained").block = block
+    return Runtime(catalog, loaded, bank, Engine(loaded, bank))
+
+
 def train_cast(
     store: str | Path = CAST_STORE,
     model: str = "default",

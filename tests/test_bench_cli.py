@@ -61,11 +61,13 @@ def test_train_cast_then_demo_and_characters(capsys, tmp_path):
     assert "5 characters in one batch" in out
 
 
-def test_demo_without_blocks_for_the_model_says_what_to_run(capsys, tmp_path):
-    assert main(["demo", "--model", "tiny", "--store", str(tmp_path)]) == 1
-    assert "neeko train --cast --model tiny" in capsys.readouterr().err
+def test_demo_without_blocks_for_the_model_plays_from_profiles(capsys, tmp_path):
+    assert main(["demo", "--model", "tiny", "--store", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "neeko train --cast --model tiny" in err
+    assert "5 characters in one batch" in out
 
 
 def test_cli_reports_user_errors_without_traceback(capsys, tmp_path):
-    assert main(["demo", "--model", str(tmp_path / "missing")]) == 1
+    assert main(["fuse", "--store", str(tmp_path), "--card", str(tmp_path / "missing.json")]) == 1
     assert "neeko: error:" in capsys.readouterr().err
