@@ -72,8 +72,13 @@ class RoleEncoder:
 @cache
 def _load_encoder(path: str, device: str):  # noqa: ANN202 (SentenceTransformer is imported lazily)
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
-    return SentenceTransformer(path, device=device)
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(path, device=device)
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def one_hot(block: int) -> Gate:
