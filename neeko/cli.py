@@ -66,6 +66,14 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="pre-tune blocks (the starter cast with --cast)")
     train.add_argument("--cast", action="store_true", help="rebuild the starter cast's blocks")
     train.add_argument("--store", default=None, help="store to write (default: the cast's)")
+    train.add_argument("--cards", nargs="+", default=[], help="character cards (JSON or PNG)")
+    train.add_argument("--data", nargs="+", default=[], help="dialogues (JSONL), any format")
+    train.add_argument(
+        "--baseline",
+        choices=["shared-lora"],
+        default=None,
+        help="train the LoRA-Mix baseline (one shared LoRA) instead",
+    )
     _train_args(train)
     train.set_defaults(func=_train)
 
@@ -83,6 +91,12 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="held-out NLL per character (own / fused / base / shared)")
     ev.add_argument("--cast", action="store_true", help="the starter cast's held-out split")
+    ev.add_argument("--store", default=None, help="character store to evaluate")
+    ev.add_argument("--data", nargs="+", default=[], help="held-out dialogues (JSONL)")
+    ev.add_argument(
+        "--train-data", nargs="+", default=[], help="train the shared baseline on these"
+    )
+    ev.add_argument("--roles", default=None, help="JSONL of {description, character}")
     ev.add_argument("--model", default="default")
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true")
@@ -130,23 +144,57 @@ def _characters(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from neeko.workflows import CAST_STORE, train_cast
+    from neeko.workflows import CAST_STORE, shared_baseline, train_cast, train_store
 
-    if not args.cast:
-        print(
-            "neeko: error: only --cast is supported for now; use `neeko expand` to add "
-            "a character to a store",
-            file=sys.stderr,
+    cfg = _train_config(args)
+    if args.baseline:
+        members = _members(args)
+        shared = shared_baseline(members, args.model, cfg, args.device)
+        print(f"shared LoRA of rank {shared.bank.config.rank} trained on {len(members)} characters")
+        return 0
+    if args.cast:
+        catalog, report = train_cast(
+            args.store or CAST_STORE, args.model, cfg, args.device, args.checkpoint
         )
-        return 2
-    catalog, report = train_cast(
-        args.store or CAST_STORE, args.model, _train_config(args), args.device, args.checkpoint
-    )
+    else:
+        if not args.store or not args.cards or not args.data:
+            raise _usage("train needs --cast, or --store with --cards and --data")
+        catalog, report = train_store(
+            args.store,
+            [_read_card(p) for p in args.cards],
+            _dialogues(args.data),
+            args.model,
+            cfg,
+            args.device,
+            args.checkpoint,
+        )
     print(
         f"trained {len(catalog.trained())} characters in {report.steps} steps "
         f"(final loss {report.final_loss:.3f}) into {catalog.folder}"
     )
     return 0
+
+
+def _members(args: argparse.Namespace) -> list:
+    from neeko.characters import read_cast
+    from neeko.dialogues import read_dialogues
+    from neeko.workflows import group_by_character
+
+    if args.cast:
+        return [(m.card, read_dialogues(m.train)) for m in read_cast()]
+    return group_by_character([_read_card(p) for p in args.cards], _dialogues(args.data))
+
+
+def _dialogues(paths: list[str]) -> list:
+    from neeko.dialogues import read_dialogues
+
+    return [d for p in paths for d in read_dialogues(p)]
+
+
+def _usage(message: str) -> Exception:
+    from neeko.errors import NeekoError
+
+    return NeekoError(message)
 
 
 def _expand(args: argparse.Namespace) -> int:
@@ -190,12 +238,22 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from neeko.workflows import eval_cast
+    from neeko.workflows import eval_cast, eval_store, read_roles
 
-    if not args.cast:
-        print("neeko: error: only --cast is supported for now", file=sys.stderr)
-        return 2
-    result = eval_cast(args.model, device=args.device)
+    if args.cast:
+        result = eval_cast(args.model, device=args.device)
+    elif args.store and args.data:
+        roles = read_roles(Path(args.roles)) if args.roles else None
+        result = eval_store(
+            args.store,
+            _dialogues(args.data),
+            args.model,
+            _dialogues(args.train_data) or None,
+            roles,
+            device=args.device,
+        )
+    else:
+        raise _usage("eval needs --cast, or --store with --data")
     if args.json:
         print(json.dumps(result))
         return 0

@@ -128,6 +128,70 @@ def shared_baseline(
     return Shared(loaded, bank)
 
 
+def group_by_character(
+    cards: list[CharacterCard], dialogues: list[Dialogue]
+) -> list[tuple[CharacterCard, list[Dialogue]]]:
+    """Pair every card with its dialogues; every dialogue needs a card and vice versa."""
+    by_name: dict[str, tuple[CharacterCard, list[Dialogue]]] = {c.name: (c, []) for c in cards}
+    for d in dialogues:
+        if d.character not in by_name:
+            raise CatalogError(f"{d.source}: no card for character {d.character!r}")
+        by_name[d.character][1].append(d)
+    empty = [name for name, (_, ds) in by_name.items() if not ds]
+    if empty:
+        raise CatalogError(f"no dialogues for {empty}")
+    return list(by_name.values())
+
+
+def train_store(
+    store: str | Path,
+    cards: list[CharacterCard],
+    dialogues: list[Dialogue],
+    model: str = "default",
+    config: TrainConfig | None = None,
+    device: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[Catalog, TrainReport]:
+    """Pre-tune `cards` on `dialogues` into `store`, after the blocks it already holds."""
+    members = group_by_character(cards, dialogues)
+    if (Path(store) / "manifest.json").exists():
+        rt = open_runtime(store, model, device)
+        catalog, loaded, bank = rt.catalog, rt.loaded, rt.bank
+    else:
+        catalog, loaded = Catalog(store), model_lib.load(model, device=device)
+        bank = LoRABank(loaded.model, BankConfig())
+    return catalog, pretune(catalog, loaded, bank, members, config, checkpoint_dir)
+
+
+def eval_store(
+    store: str | Path,
+    heldout: list[Dialogue],
+    model: str = "default",
+    train: list[Dialogue] | None = None,
+    roles: list[tuple[str, str]] | None = None,
+    config: TrainConfig | None = None,
+    device: str | None = None,
+) -> dict:
+    """The eval table of `store`'s characters on `heldout`; with `train`, the shared baseline."""
+    rt = open_runtime(store, model, device)
+    by_key: dict[str, list[Dialogue]] = {}
+    for d in heldout:
+        char = rt.catalog.find(d.character)
+        if char is None or char.status != "trained":
+            raise CatalogError(f"{d.source}: {d.character!r} is not a trained character of {store}")
+        by_key.setdefault(char.key, []).append(d)
+    shared = None
+    if train:
+        cards = [rt.catalog.characters[k].card for k in by_key]
+        members = group_by_character(
+            cards, [d for d in train if d.character in {c.name for c in cards}]
+        )
+        shared = shared_baseline(members, model, config or TrainConfig(), device)
+    result = evaluate(rt.catalog, rt.loaded, rt.bank, by_key, shared, roles)
+    result["model"] = model
+    return result
+
+
 def eval_cast(
     model: str = "default", config: TrainConfig | None = None, device: str | None = None
 ) -> dict:

@@ -1,6 +1,7 @@
 """The benchmark and the command line, on the tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,37 @@ def test_demo_without_blocks_for_the_model_plays_from_profiles(capsys, tmp_path)
 def test_cli_reports_user_errors_without_traceback(capsys, tmp_path):
     assert main(["fuse", "--store", str(tmp_path), "--card", str(tmp_path / "missing.json")]) == 1
     assert "neeko: error:" in capsys.readouterr().err
+
+
+def test_train_and_eval_a_store_from_cards_and_data(capsys, tmp_path):
+    cast = Path(__file__).parent.parent / "neeko" / "data" / "cast"
+    cards = [str(cast / n / "card.json") for n in ("bolt", "hana_sato")]
+    train = [str(cast / n / "train.jsonl") for n in ("bolt", "hana_sato")]
+    held = [str(cast / n / "heldout.jsonl") for n in ("bolt", "hana_sato")]
+    store = str(tmp_path / "store")
+    common = ["--model", "tiny", "--store", store]
+    assert main(["train", *common, "--cards", *cards, "--data", *train, "--max-steps", "2"]) == 0
+    assert "trained 2 characters" in capsys.readouterr().out
+    assert main(["eval", *common, "--data", *held, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert set(table["characters"]) == {"BOLT-7", "Sato Hana"}
+    row = table["characters"]["BOLT-7"]
+    assert {"nll_own", "nll_fused", "nll_base"} <= row.keys()
+    assert all(row[k] > 0 for k in ("nll_own", "nll_fused", "nll_base"))
+
+
+def test_train_refuses_dialogues_without_a_card(capsys, tmp_path):
+    cast = Path(__file__).parent.parent / "neeko" / "data" / "cast"
+    args = [
+        "train",
+        "--model",
+        "tiny",
+        "--store",
+        str(tmp_path),
+        "--cards",
+        str(cast / "bolt" / "card.json"),
+        "--data",
+        str(cast / "hana_sato" / "train.jsonl"),
+    ]
+    assert main(args) == 1
+    assert "no card for character 'Sato Hana'" in capsys.readouterr().err
