@@ -34,8 +34,9 @@ class TrainConfig:
 
     lr: float = 2e-3
     """AdamW learning rate."""
-    epochs: int = 4
-    """Passes over the examples."""
+    epochs: int = 1
+    """Passes over the examples. On the starter cast (~35 exchanges per character) held-out
+    NLL is best after one joint epoch and rises after more (4 epochs ended above the base)."""
     max_steps: int | None = None
     """Stop after this many optimiser steps (None: run all epochs)."""
     batch_size: int = 4
