@@ -106,7 +106,7 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
     p.add_argument("--device", default=None)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-steps", type=int, default=None)

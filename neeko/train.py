@@ -34,9 +34,9 @@ class TrainConfig:
 
     lr: float = 2e-3
     """AdamW learning rate."""
-    epochs: int = 1
-    """Passes over the examples. On the starter cast (~35 exchanges per character) held-out
-    NLL is best after one joint epoch and rises after more (4 epochs ended above the base)."""
+    epochs: int = 2
+    """Passes over the examples. On the starter cast (~35 exchanges per character) 2 epochs
+    keep held-out NLL well below the base model; 4 epochs memorise the train split."""
     max_steps: int | None = None
     """Stop after this many optimiser steps (None: run all epochs)."""
     batch_size: int = 4
