@@ -2,7 +2,8 @@
 
 A store folder holds `manifest.json` (one entry per character: its card, status and, for a
 fused character, its gate over trained characters), `roles.safetensors` (role embeddings)
-and `blocks/KEY.safetensors` (one block per trained character). Every file is written to
+, `gate.safetensors` (the learned gate's row per trained character, when fitted) and
+`blocks/KEY.safetensors` (one block per trained character). Every file is written to
 a temporary name and renamed into place, the manifest last, so a crash mid-save leaves the
 previous store intact.
 """
@@ -15,7 +16,7 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,12 +27,13 @@ from torch import Tensor
 
 from neeko.cards import CharacterCard, parse_card
 from neeko.errors import NeekoError
-from neeko.gating import GateConfig, RoleEncoder, fusion_gate
+from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate, top_k_softmax
 from neeko.lora import Gate, LoRABank
 
 Status = Literal["fused", "training", "trained"]
 MANIFEST = "manifest.json"
 ROLES = "roles.safetensors"
+GATE = "gate.safetensors"
 STORE_VERSION = 1
 CAST_DIR = Path(__file__).parent / "data" / "cast"
 
@@ -106,6 +108,8 @@ class Catalog:
         """Base model the blocks were trained on (a block only fits that model)."""
         self.characters: dict[str, Character] = {}
         self.embeddings: dict[str, Tensor] = {}
+        self.gate_rows: dict[str, Tensor] = {}
+        """The learned gate: W_g's row for each trained character (empty until fitted)."""
         self._encoder: RoleEncoder | None = None
 
     # -- persistence -------------------------------------------------------------------
@@ -131,6 +135,8 @@ class Catalog:
             )
         if (folder / ROLES).exists():
             catalog.embeddings = load_file(str(folder / ROLES))
+        if (folder / GATE).exists():
+            catalog.gate_rows = load_file(str(folder / GATE))
         return catalog
 
     def save(self) -> None:
@@ -142,6 +148,11 @@ class Catalog:
             _atomic(
                 self.folder / ROLES,
                 lambda p: save_file({k: v.contiguous() for k, v in self.embeddings.items()}, p),
+            )
+        if self.gate_rows:
+            _atomic(
+                self.folder / GATE,
+                lambda p: save_file({k: v.contiguous() for k, v in self.gate_rows.items()}, p),
             )
         manifest = {
             "version": STORE_VERSION,
@@ -197,13 +208,46 @@ class Catalog:
     def fusion_weights(
         self, query: Tensor, config: GateConfig | None = None, exclude: tuple[str, ...] = ()
     ) -> dict[str, float]:
-        """softmax(cos / tau) over the top-k trained characters (by key), bar `exclude`."""
+        """Gate weights over the top-k trained characters (by key), bar `exclude`.
+
+        softmax(cos / tau) against role embeddings, or with `policy="learned"` the learned
+        gate softmax(W_g e) restricted to the top-k.
+        """
+        cfg = config or GateConfig()
         trained = [c.key for c in self.trained() if c.key not in exclude]
         if not trained:
             return {}
+        if cfg.policy == "learned":
+            missing = [k for k in trained if k not in self.gate_rows]
+            if missing:
+                raise CatalogError(f"no learned gate for {missing}; train the store to fit it")
+            scores = torch.stack([self.gate_rows[k] for k in trained]) @ query.float()
+            return {trained[i]: w for i, w in top_k_softmax(scores, cfg.top_k).items()}
         embs = torch.stack([self.embeddings[k] for k in trained])
-        gate = fusion_gate(query, embs, list(range(len(trained))), config)
+        gate = fusion_gate(query, embs, list(range(len(trained))), cfg)
         return {trained[i]: w for i, w in gate.items()}
+
+    def gate_texts(self, key: str, lines: Sequence[str] = ()) -> list[str]:
+        """Texts the learned gate maps to `key`: profile, names, and lines in its voice."""
+        card = self.characters[key].card
+        return [card.persona_text(), card.name, *card.aliases, *lines]
+
+    def fit_gate(self, texts: dict[str, list[str]], only: list[str] | None = None) -> None:
+        """Fit the learned gate over every trained character on `texts` (by key).
+
+        With `only`, just those characters' rows move (expansion); the others keep theirs
+        and serve as the negatives through their `texts`.
+        """
+        keys = [c.key for c in self.trained()]
+        if set(texts) != set(keys) or (only and not set(only) <= set(keys)):
+            raise CatalogError("the learned gate needs texts for exactly the trained characters")
+        flat = [(t, i) for i, k in enumerate(keys) for t in texts[k]]
+        emb = self.encoder.encode([t for t, _ in flat])
+        dim = emb.shape[1]
+        weight = torch.stack([self.gate_rows.get(k, torch.zeros(dim)) for k in keys])
+        rows = None if only is None else [keys.index(k) for k in only]
+        fitted = fit_gate(emb, torch.tensor([i for _, i in flat]), weight, rows)
+        self.gate_rows = {k: fitted[i].clone() for i, k in enumerate(keys)}
 
     def gate(self, key: str) -> Gate:
         """The block gate of a character (its blocks must be loaded into a bank)."""

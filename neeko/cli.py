@@ -87,6 +87,12 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
     fuse = sub.add_parser("fuse", help="register a character by fusion (no training)")
     fuse.add_argument("--store", required=True)
     fuse.add_argument("--card", required=True, help="character card (JSON or PNG)")
+    fuse.add_argument(
+        "--gate",
+        choices=("cosine", "learned"),
+        default="cosine",
+        help="fuse by similarity to role embeddings, or by the store's learned gate",
+    )
     fuse.set_defaults(func=_fuse)
 
     ev = sub.add_parser("eval", help="held-out NLL per character (own / fused / base / shared)")
@@ -224,10 +230,11 @@ def _read_card(path: str):  # noqa: ANN202 (CharacterCard is imported lazily)
 
 
 def _fuse(args: argparse.Namespace) -> int:
+    from neeko.gating import GateConfig
     from neeko.workflows import fuse_card
 
     card = _read_card(args.card)
-    catalog, seconds = fuse_card(args.store, card)
+    catalog, seconds = fuse_card(args.store, card, GateConfig(policy=args.gate))
     weights = catalog.find(card.name).fused_from
     mix = ", ".join(f"{catalog.characters[k].name} {w:.2f}" for k, w in weights.items())
     print(

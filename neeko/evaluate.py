@@ -4,7 +4,8 @@ For every character, the mean NLL per token of its own turns in held-out dialogu
 its own block (`nll_own`), a fusion of the other trained characters as if it were unseen
 (`nll_fused`), the bare base model with the same prompt (`nll_base`), and, when given, one
 shared LoRA of the same total rank trained on every character's data (`nll_shared`, the
-paper's LoRA-Mix baseline). Also the role-selection accuracy of free-text descriptions.
+paper's LoRA-Mix baseline). Also the role-selection accuracy of free-text descriptions, by
+the cosine gate and, when the store has one, by the learned gate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from neeko.characters import Catalog, Character
 from neeko.dialogues import Dialogue, Example
+from neeko.gating import GateConfig
 from neeko.lora import Gate, LoRABank
 from neeko.model import LoadedModel
 from neeko.train import character_examples, token_nll
@@ -57,6 +59,10 @@ def evaluate(
     }
     if roles:
         result["role_accuracy"] = role_accuracy(catalog, roles)
+        if catalog.gate_rows:
+            result["role_accuracy_learned"] = role_accuracy(
+                catalog, roles, GateConfig(policy="learned")
+            )
     return result
 
 
@@ -75,11 +81,13 @@ def _as_unseen(catalog: Catalog, char: Character) -> Gate:
     return catalog.gate_from_weights(catalog.fusion_weights(query, exclude=(char.key,)))
 
 
-def role_accuracy(catalog: Catalog, roles: list[tuple[str, str]]) -> float:
-    """Share of descriptions whose strongest fusion weight falls on the right character."""
+def role_accuracy(
+    catalog: Catalog, roles: list[tuple[str, str]], config: GateConfig | None = None
+) -> float:
+    """Share of descriptions whose strongest gate weight falls on the right character."""
     hits = 0
     for description, name in roles:
-        weights = catalog.fusion_weights(catalog.encoder.encode([description])[0])
+        weights = catalog.fusion_weights(catalog.encoder.encode([description])[0], config)
         best = max(weights, key=weights.get) if weights else None
         hits += best is not None and catalog.characters[best].name == name
     return hits / len(roles)

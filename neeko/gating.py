@@ -3,7 +3,8 @@
 - A seen character uses its own block (one-hot, the paper's "select").
 - An unseen character or a free-text persona is fused: softmax(cos(e, e_k) / tau) over the
   top-k trained characters' role embeddings, zero elsewhere. No training, available at once.
-- Optionally a learned gate (the paper's `Dense`): softmax(W_g e), trained in pre-tuning.
+- Optionally a learned gate (the paper's `Dense`): softmax(W_g e) over trained characters,
+  fitted in pre-tuning on texts of each character (`fit_gate`) and kept in the store.
 
 Role embeddings come from a sentence-transformers encoder of the character's profile. The
 gate's input size follows the encoder (`RoleEncoder.dim`); nothing here assumes 384.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +34,12 @@ class GateConfig:
     """Softmax temperature over cosine similarities; lower is sharper."""
     top_k: int = 3
     """How many trained characters a fused gate mixes."""
+    policy: Literal["cosine", "learned"] = "cosine"
+    """`cosine`: similarity to role embeddings; `learned`: the gate trained in pre-tuning."""
 
     def __post_init__(self) -> None:
+        if self.policy not in ("cosine", "learned"):
+            raise ValueError(f"policy must be 'cosine' or 'learned', got {self.policy!r}")
         if not math.isfinite(self.tau) or self.tau <= 0:
             raise ValueError(f"tau must be a positive number, got {self.tau}")
         if self.top_k < 1:
@@ -86,6 +92,13 @@ def one_hot(block: int) -> Gate:
     return {block: 1.0}
 
 
+def top_k_softmax(scores: Tensor, top_k: int) -> dict[int, float]:
+    """Softmax over the `top_k` highest scores, as {index: weight}."""
+    top = scores.topk(min(top_k, scores.numel()))
+    weights = torch.softmax(top.values, dim=0)
+    return {int(i): float(w) for i, w in zip(top.indices, weights, strict=True)}
+
+
 def fusion_gate(
     query: Tensor, role_embeddings: Tensor, blocks: list[int], config: GateConfig | None = None
 ) -> Gate:
@@ -106,36 +119,44 @@ def fusion_gate(
             f", {tuple(role_embeddings.shape)} embeddings for {len(blocks)} blocks"
         )
     cos = nn.functional.cosine_similarity(role_embeddings, query[None, :], dim=-1)  # (n,)
-    top = cos.topk(min(cfg.top_k, len(blocks)))
-    weights = torch.softmax(top.values / cfg.tau, dim=0)
-    return {blocks[int(i)]: float(w) for i, w in zip(top.indices, weights, strict=True)}
+    return {blocks[i]: w for i, w in top_k_softmax(cos / cfg.tau, cfg.top_k).items()}
 
 
-class LearnedGate(nn.Module):
-    """The paper's `Dense` gate: g = softmax(W_g e) over the bank's blocks."""
+def fit_gate(
+    embeddings: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    trainable: list[int] | None = None,
+    steps: int = 300,
+    lr: float = 0.05,
+) -> Tensor:
+    """Fit the rows of a `Dense` gate weight by cross-entropy of softmax(W e) on labelled texts.
 
-    def __init__(self, dim: int, n_blocks: int) -> None:
-        """Gate from `dim`-sized role embeddings to `n_blocks` blocks."""
-        super().__init__()
-        self.proj = nn.Linear(dim, n_blocks, bias=False)
-        nn.init.zeros_(self.proj.weight)
+    Args:
+        embeddings: (m, dim) embeddings of texts in a character's voice or about it.
+        targets: (m,) index of the character (row of `weight`) each text belongs to.
+        weight: (n, dim) starting weight; it is not modified.
+        trainable: Rows to fit (default all); the others keep their values exactly, so
+            expansion fits the new character's row without moving the old ones.
+        steps: Full-batch Adam steps.
+        lr: Adam learning rate.
 
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """(batch, dim) embeddings -> (batch, n_blocks) gate weights."""
-        return torch.softmax(self.proj(embeddings), dim=-1)
-
-    def grow(self, n_new: int) -> None:
-        """Add outputs for `n_new` new blocks, keeping the learned rows."""
-        old = self.proj.weight.data
-        self.proj = nn.Linear(old.shape[1], old.shape[0] + n_new, bias=False)
-        self.proj.weight.data.zero_()
-        self.proj.weight.data[: old.shape[0]] = old
-
-    def gate(self, embedding: Tensor, top_k: int | None = None) -> Gate:
-        """A Gate for one embedding, optionally keeping only the top-k weights (renormalised)."""
-        with torch.no_grad():
-            w = self(embedding[None])[0]
-        if top_k is not None and top_k < w.numel():
-            top = w.topk(top_k)
-            w = torch.zeros_like(w).index_put_((top.indices,), top.values / top.values.sum())
-        return {int(i): float(w[i]) for i in w.nonzero().flatten()}
+    Returns:
+        The fitted (n, dim) weight.
+    """
+    if embeddings.shape[0] != targets.shape[0] or embeddings.shape[1] != weight.shape[1]:
+        raise GateError(
+            f"gate data does not fit: {tuple(embeddings.shape)} embeddings, "
+            f"{tuple(targets.shape)} targets, weight {tuple(weight.shape)}"
+        )
+    emb = embeddings.detach().clone().float()  # encoder output may be an inference tensor
+    w = nn.Parameter(weight.detach().clone().float())
+    frozen = torch.ones(w.shape[0], 1, dtype=torch.bool)
+    frozen[trainable if trainable is not None else slice(None)] = False
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(emb @ w.T, targets).backward()
+        w.grad.masked_fill_(frozen, 0.0)
+        opt.step()
+    return w.detach()

@@ -94,7 +94,8 @@ def train_blocks(
     blocks = sorted({_block_of(e, bank) for e in examples})
     order = _schedule(examples, cfg)
     total = min(len(order), cfg.max_steps or len(order))
-    params = bank.train_blocks(blocks)
+    groups = {k: bank.train_blocks([k]) for k in blocks}
+    params = [p for k in blocks for p in groups[k]]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     start = _resume(ckpt, params, optimizer) if ckpt else 0
@@ -102,7 +103,7 @@ def train_blocks(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     try:
         for step in range(start, total):
-            loss = train_step(loaded, bank, order[step], params, optimizer, cfg.grad_clip)
+            loss = train_step(loaded, bank, order[step], groups, optimizer, cfg.grad_clip)
             report.losses.append(loss)
             report.steps = step + 1
             bar.update(1)
@@ -119,32 +120,63 @@ def train_step(
     loaded: LoadedModel,
     bank: LoRABank,
     batch: list[Example],
-    params: list[nn.Parameter],
+    groups: dict[int, list[nn.Parameter]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
 ) -> float:
-    """One optimiser step on `batch`; returns the loss."""
+    """One optimiser step on `batch`, whose rows may belong to different blocks.
+
+    The loss is normalised per block (the sum over blocks of the mean over that block's
+    tokens) and gradients are clipped per block, so a block's update depends only on its
+    own rows: a mixed batch updates every block exactly as its rows alone would. Returns
+    the mean over the batch's blocks of their losses.
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss = batch_loss(loaded, bank, batch, [{e.block: 1.0} for e in batch])
-    loss.backward()
-    nn.utils.clip_grad_norm_(params, grad_clip)
+    losses = block_losses(loaded, bank, batch, [{e.block: 1.0} for e in batch])
+    sum(losses.values()).backward()
+    for k in losses:
+        nn.utils.clip_grad_norm_(groups[k], grad_clip)
     optimizer.step()
-    return float(loss.detach())
+    return float(sum(v.detach() for v in losses.values())) / len(losses)
 
 
 def batch_loss(
     loaded: LoadedModel, bank: LoRABank | None, batch: list[Example], gates: list[dict]
 ) -> Tensor:
     """Mean next-token loss over the labelled tokens of `batch`, each row under its gate."""
+    logits, labels = _forward(loaded, bank, batch, gates)
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE
+    )
+
+
+def block_losses(
+    loaded: LoadedModel, bank: LoRABank, batch: list[Example], gates: list[dict]
+) -> dict[int, Tensor]:
+    """One mean next-token loss per block, over the labelled tokens of that block's rows."""
+    logits, labels = _forward(loaded, bank, batch, gates)
+    token_loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none"
+    )  # (batch, seq - 1), zero where ignored
+    counted = (labels != IGNORE).float()
+    out: dict[int, Tensor] = {}
+    for k in dict.fromkeys(e.block for e in batch):
+        rows = torch.tensor([e.block == k for e in batch], device=token_loss.device)
+        out[k] = token_loss[rows].sum() / counted[rows].sum().clamp(min=1)
+    return out
+
+
+def _forward(
+    loaded: LoadedModel, bank: LoRABank | None, batch: list[Example], gates: list[dict]
+) -> tuple[Tensor, Tensor]:
+    """Logits at every position but the last, and the labels they predict."""
     ids, labels, mask = _collate(batch, loaded)
     if bank is None:
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
     else:
         with bank.route(gates):
             logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-    return nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
-    )
+    return logits[:, :-1], labels[:, 1:]
 
 
 def token_nll(
@@ -273,6 +305,7 @@ def pretune(
     catalog.model = loaded.name
     for (card, _), block in zip(members, blocks, strict=True):
         _register_trained(catalog, bank, card, block)
+    _fit_learned_gate(catalog, members)
     catalog.save()
     return report
 
@@ -293,8 +326,27 @@ def expand(
     examples = character_examples(loaded, card, dialogues, block)
     report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
     _register_trained(catalog, bank, card, block)
+    _fit_learned_gate(catalog, [(card, dialogues)], expanding=True)
     catalog.save()
     return report
+
+
+def _fit_learned_gate(
+    catalog: Catalog,
+    members: list[tuple[CharacterCard, list[Dialogue]]],
+    expanding: bool = False,
+) -> None:
+    """Fit the learned gate on the members' own lines and every character's card texts.
+
+    When expanding a store whose gate is fitted, only the new characters' rows move.
+    """
+    new = [slug(card.name) for card, _ in members]
+    texts = {c.key: catalog.gate_texts(c.key) for c in catalog.trained()}
+    for key, (_, dialogues) in zip(new, members, strict=True):
+        lines = [text for d in dialogues for role, text in d.messages if role == "character"]
+        texts[key] = catalog.gate_texts(key, lines)
+    old_fitted = all(k in catalog.gate_rows for k in texts if k not in new)
+    catalog.fit_gate(texts, only=new if expanding and old_fitted else None)
 
 
 def _register_trained(catalog: Catalog, bank: LoRABank, card: CharacterCard, block: int) -> None:

@@ -20,6 +20,7 @@ from neeko.characters import CAST_DIR, Catalog, CatalogError, read_cast, slug
 from neeko.dialogues import Dialogue, read_dialogues
 from neeko.engine import Engine
 from neeko.evaluate import Shared, evaluate
+from neeko.gating import GateConfig
 from neeko.lora import BankConfig, LoRABank
 from neeko.model import LoadedModel, cache_dir
 from neeko.train import TrainConfig, TrainReport, character_examples, expand, pretune, train_blocks
@@ -95,12 +96,14 @@ def expand_store(
     return rt, report
 
 
-def fuse_card(store: str | Path, card: CharacterCard) -> tuple[Catalog, float]:
+def fuse_card(
+    store: str | Path, card: CharacterCard, config: GateConfig | None = None
+) -> tuple[Catalog, float]:
     """Register `card` as fused (gate weights only); returns the catalog and seconds taken."""
     catalog = Catalog.open(store)
     catalog.encoder  # noqa: B018 (load the encoder before timing the fusion itself)
     t0 = time.perf_counter()
-    catalog.fuse(card)
+    catalog.fuse(card, config)
     catalog.save()
     return catalog, time.perf_counter() - t0
 

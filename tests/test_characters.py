@@ -10,7 +10,8 @@ from neeko import characters as chars_mod
 from neeko.cards import card_from_fields
 from neeko.characters import Catalog, CatalogError, read_cast, slug, system_prompt
 from neeko.dialogues import Dialogue, read_dialogues
-from neeko.gating import GateConfig, LearnedGate, RoleEncoder, fusion_gate
+from neeko.errors import GateError
+from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate
 from neeko.lora import LoRABank
 from neeko.train import TrainConfig, character_examples, expand, pretune, token_nll
 from neeko.workflows import read_roles
@@ -53,16 +54,19 @@ def test_fusion_gate_is_a_sharp_softmax_over_the_nearest():
     assert flat[10] < gate[10]
 
 
-def test_learned_gate_grows_without_forgetting():
-    gate = LearnedGate(dim=8, n_blocks=3)
-    with torch.no_grad():
-        gate.proj.weight.normal_()
-    old = gate.proj.weight.clone()
-    gate.grow(2)
-    assert gate.proj.weight.shape == (5, 8)
-    assert torch.equal(gate.proj.weight[:3], old)
-    weights = gate(torch.randn(4, 8))
-    assert torch.allclose(weights.sum(-1), torch.ones(4))
+def test_fit_gate_learns_and_keeps_frozen_rows_exact():
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    targets = torch.arange(3).repeat_interleave(10)
+    emb = torch.nn.functional.normalize(centres[targets] + 0.1 * torch.randn(30, 16), dim=-1)
+    start = torch.randn(3, 16)
+    fitted = fit_gate(emb, targets, start)
+    assert ((emb @ fitted.T).argmax(-1) == targets).all()
+    only_last = fit_gate(emb, targets, start, trainable=[2])
+    assert torch.equal(only_last[:2], start[:2])
+    assert not torch.equal(only_last[2], start[2])
+    with pytest.raises(GateError, match="does not fit"):
+        fit_gate(emb, targets[:5], start)
 
 
 @pytest.fixture
@@ -192,9 +196,17 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
     fused = catalog.gate_from_weights(
         catalog.fusion_weights(catalog.encoder.encode([ROBOT.persona_text()])[0])
     )
+    rows_before = dict(catalog.gate_rows)
+    assert set(rows_before) == {c.key for c in catalog.trained()}
     expand(catalog, tiny, bank, ROBOT, robot, TrainConfig(epochs=10, lr=1e-2), progress=False)
     assert torch.equal(outputs(), before)
     new = catalog.find("BOLT-7")
+    # The learned gate gains a row for the new character; the old rows do not move.
+    assert all(torch.equal(catalog.gate_rows[k], v) for k, v in rows_before.items())
+    learned = GateConfig(policy="learned", top_k=1)
+    for card in (PIRATE, DETECTIVE, ROBOT):
+        query = catalog.encoder.encode([card.persona_text()])[0]
+        assert list(catalog.fusion_weights(query, learned)) == [slug(card.name)]
     assert new.status == "trained"
     assert new.block == 2
     examples = character_examples(tiny, ROBOT, robot, 2)
@@ -203,3 +215,4 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
     assert own < mix
     reopened = Catalog.open(catalog.folder)
     assert [c.name for c in reopened.trained()] == [PIRATE.name, DETECTIVE.name, ROBOT.name]
+    assert all(torch.equal(reopened.gate_rows[k], v) for k, v in catalog.gate_rows.items())

@@ -122,6 +122,26 @@ def test_each_example_trains_only_its_block(tiny, bank):
     assert not any(layer.trainable for layer in bank.layers.values())
 
 
+def test_mixed_batch_updates_each_block_as_its_rows_alone(tiny, bank):
+    """Per-block loss normalisation: joint pre-tuning equals training each block alone."""
+    mara, gray = _examples(tiny.tokenizer, {"Mara": 1, "Gray": 4})[:2]
+    longer = encode(tiny.tokenizer, "You are Mara.", MARA.__class__("Mara", MARA.messages[:2], ""))
+    longer.block = 1
+    start = _blocks(bank)
+    cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=3, grad_clip=0.05)
+    train_blocks(tiny, bank, [mara, longer, gray], cfg, progress=False)
+    joint = _blocks(bank)
+    for rows in ([mara, longer], [gray]):
+        for k, weights in start.items():
+            bank.set_block(k, weights)
+        train_blocks(tiny, bank, rows, cfg, progress=False)
+        alone = _blocks(bank)
+        k = rows[0].block
+        for name in alone[k]:
+            for i in (0, 1):
+                torch.testing.assert_close(joint[k][name][i], alone[k][name][i])
+
+
 def test_training_lowers_the_loss(tiny, bank):
     examples = _examples(tiny.tokenizer, {"Mara": 0, "Gray": 2})
     report = train_blocks(
