@@ -53,7 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--rounds", type=int, default=None, help="timed rounds (median)")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(func=_bench_engine)
+    queue = bench_sub.add_parser("queue", help="Redis queue overhead and batching speedup")
+    queue.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
+    queue.add_argument("--device", default=None)
+    queue.add_argument("--redis-url", default=None, help="default: a private redis-server")
+    queue.add_argument("--quick", action="store_true", help="fewer turns and tokens")
+    queue.add_argument("--json", action="store_true", help="print one JSON object")
+    queue.set_defaults(func=_bench_queue)
     _character_commands(sub)
+    from neeko.serve import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -329,7 +339,18 @@ def _bench_engine(args: argparse.Namespace) -> int:
     from neeko.bench import run_engine_bench
 
     result = run_engine_bench(args.model, quick=args.quick, device=args.device, rounds=args.rounds)
-    if args.json:
+    return _print_result(result, args.json)
+
+
+def _bench_queue(args: argparse.Namespace) -> int:
+    from neeko.bench_queue import run_queue_bench
+
+    result = run_queue_bench(args.model, args.quick, args.device, args.redis_url)
+    return _print_result(result, args.json)
+
+
+def _print_result(result: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result))
     else:
         width = max(len(k) for k in result)

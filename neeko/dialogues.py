@@ -62,13 +62,14 @@ def read_dialogues(path: str | Path) -> list[Dialogue]:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: each line must be a JSON object")
-        out.append(_parse(obj, where))
+        out.append(parse_dialogue(obj, where))
     if not out:
         raise DataError(f"{path}: no dialogues")
     return out
 
 
-def _parse(obj: dict, where: str) -> Dialogue:
+def parse_dialogue(obj: dict, where: str) -> Dialogue:
+    """One dialogue from a decoded JSONL line (chat or prompted); errors name `where`."""
     if "messages" in obj:
         return _parse_chat(obj, where)
     if "prompt" in obj and "output" in obj:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,10 @@ class TrainReport:
         return sum(tail) / len(tail) if tail else math.nan
 
 
+StepCallback = Callable[[int, int, float], None]
+"""Called with (steps done, total steps, loss) after every optimiser step."""
+
+
 class TrainingError(NeekoError):
     """Training cannot start: no examples, an unknown block, a checkpoint that does not fit."""
 
@@ -83,12 +88,14 @@ def train_blocks(
     config: TrainConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> TrainReport:
     """Train the blocks named by `examples` (each example's `block`), one-hot gated.
 
     Only those blocks change; on return they are written back into the bank and frozen.
     With `checkpoint_dir`, progress is saved every `checkpoint_every` steps and a later call
-    with the same arguments resumes from the last checkpoint.
+    with the same arguments resumes from the last checkpoint. `on_step(step, total, loss)`
+    is called after every step.
     """
     cfg = config or TrainConfig()
     blocks = sorted({_block_of(e, bank) for e in examples})
@@ -108,6 +115,8 @@ def train_blocks(
             report.steps = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+            if on_step is not None:
+                on_step(report.steps, total, loss)
             if ckpt and (report.steps % cfg.checkpoint_every == 0 or report.steps == total):
                 _save_checkpoint(ckpt, params, optimizer, report.steps)
     finally:
@@ -319,12 +328,13 @@ def expand(
     config: TrainConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> TrainReport:
     """Append a block for a new character and train only it; old blocks are untouched."""
     cfg = config or TrainConfig()
     (block,) = bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
     examples = character_examples(loaded, card, dialogues, block)
-    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
+    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress, on_step)
     _register_trained(catalog, bank, card, block)
     _fit_learned_gate(catalog, [(card, dialogues)], expanding=True)
     catalog.save()

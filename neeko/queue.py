@@ -1,0 +1,483 @@
+"""The turn queue between front ends and workers: Redis Streams, or in-process asyncio.
+
+One interface, `TurnQueue`, two implementations:
+
+- `RedisQueue` (when `REDIS_URL` is set): turns go on a stream read by a consumer group of
+  workers (`XREADGROUP`). A worker streams reply chunks to the turn's reply stream, writes
+  the final event once (`SET NX`, in one script with its publication) and acknowledges the
+  turn. Delivery is at-least-once and replies are at-most-once: a redelivered turn whose
+  result exists is re-published, not regenerated. A dead worker's turns are reclaimed with
+  `XAUTOCLAIM` (live workers keep theirs fresh with `XCLAIM ... JUSTID`); a turn started
+  `max_attempts` times goes to the dead-letter stream and its requester gets the error.
+- `LocalQueue`: the same protocol over asyncio queues, for the terminal chat and
+  single-process bots.
+
+Expansion jobs, catalog events and block bytes travel through the same object.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from neeko.errors import NeekoError
+from neeko.protocol import CatalogEvent, JobStatus, Reply, ReplyEvent, TrainJob, Turn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class QueueError(NeekoError):
+    """The queue cannot serve a turn."""
+
+
+class NoWorkerError(QueueError):
+    """No worker is alive to answer."""
+
+
+class TurnTimeout(QueueError):
+    """No reply came in time."""
+
+
+class TurnFailed(QueueError):
+    """The turn failed on every attempt (it is in the dead-letter stream)."""
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Delivery and retention settings shared by clients and workers."""
+
+    max_attempts: int = 3
+    """Starts of a turn or job before it is dead-lettered / marked failed."""
+    claim_idle_ms: int = 30_000
+    """A pending turn idle this long belonged to a dead worker and is reclaimed. Live
+    workers refresh their turns every `claim_idle_ms / 3`, so a long generation is safe."""
+    job_idle_ms: int = 60_000
+    """The same for expansion jobs (trainers heartbeat every `job_idle_ms / 3`)."""
+    reply_ttl_s: int = 3600
+    """Reply streams, results and attempt counters expire after this."""
+    max_turns: int = 100_000
+    """Approximate cap of the turn stream (acknowledged turns are deleted at once)."""
+    max_dead: int = 10_000
+    """Approximate cap of the dead-letter stream."""
+    alive_ttl_s: float = 15.0
+    """A worker that has not sent a heartbeat for this long counts as dead."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.claim_idle_ms < 1 or self.reply_ttl_s < 1:
+            raise ValueError("max_attempts, claim_idle_ms and reply_ttl_s must be >= 1")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A turn handed to a worker."""
+
+    turn: Turn
+    msg_id: str
+    attempt: int
+
+    @property
+    def tag(self) -> str:
+        """Names this delivery in chunk events (a new tag means the reply restarted)."""
+        return f"{self.msg_id}#{self.attempt}"
+
+
+@dataclass(frozen=True)
+class JobDelivery:
+    """An expansion job handed to a trainer."""
+
+    job: TrainJob
+    msg_id: str
+    attempt: int
+    consumer: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of reply text; `reset` means drop the text so far (a retried generation)."""
+
+    text: str
+    reset: bool = False
+
+
+class TurnQueue(abc.ABC):
+    """What front ends, workers and trainers share."""
+
+    def __init__(self, config: QueueConfig | None = None) -> None:
+        """A queue with `config` (delivery and retention settings)."""
+        self.config = config or QueueConfig()
+
+    # -- front ends ----------------------------------------------------------------
+
+    async def submit(self, turn: Turn, timeout: float = 300.0) -> AsyncIterator[Chunk | Reply]:
+        """Queue `turn` (once per id) and yield its reply chunks, then the final `Reply`.
+
+        Raises:
+            NoWorkerError: No worker is alive (the turn is not queued).
+            TurnTimeout: No final reply within `timeout` seconds.
+            TurnFailed: The turn was dead-lettered; the message says why.
+        """
+        if not await self.workers_alive():
+            raise NoWorkerError("no worker is running; start one with `neeko worker`")
+        await self._enqueue(turn)
+        deadline = time.monotonic() + timeout
+        tag = None
+        async for event in self._reply_events(turn.id, deadline):
+            if event.kind == "chunk":
+                yield Chunk(event.text, reset=tag is not None and event.attempt != tag)
+                tag = event.attempt
+            elif event.kind == "done" and event.reply is not None:
+                yield event.reply
+                return
+            else:
+                raise TurnFailed(f"turn {turn.id} failed: {event.error}")
+        raise TurnTimeout(f"no reply to turn {turn.id} within {timeout:.0f} s")
+
+    async def ask(self, turn: Turn, timeout: float = 300.0) -> Reply:
+        """Submit `turn` and wait for its final reply."""
+        async for item in self.submit(turn, timeout):
+            if isinstance(item, Reply):
+                return item
+        raise TurnTimeout(f"no reply to turn {turn.id}")  # pragma: no cover (submit raises)
+
+    @abc.abstractmethod
+    async def _enqueue(self, turn: Turn) -> None: ...
+
+    @abc.abstractmethod
+    def _reply_events(self, turn_id: str, deadline: float) -> AsyncIterator[ReplyEvent]:
+        """Reply events until a final one; stops silently at `deadline`."""
+
+    # -- workers -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def fetch(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` turns to run (reclaimed ones first), waiting up to `block_ms`."""
+
+    @abc.abstractmethod
+    async def publish(self, chunks: list[tuple[Delivery, str]]) -> None:
+        """Append reply chunks to their turns' reply streams."""
+
+    @abc.abstractmethod
+    async def complete(self, delivery: Delivery, reply: Reply) -> bool:
+        """Write the final reply once and acknowledge; False if it was already answered."""
+
+    @abc.abstractmethod
+    async def fail(self, delivery: Delivery, error: str) -> bool:
+        """Retry the turn, or dead-letter it after `max_attempts`; True if dead-lettered."""
+
+    async def touch(self, consumer: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+        """Tell the queue these turns are still being worked on."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, consumer: str) -> None:
+        """Mark `consumer` alive."""
+
+    @abc.abstractmethod
+    async def leave(self, consumer: str) -> None:
+        """Mark `consumer` gone (clean shutdown)."""
+
+    @abc.abstractmethod
+    async def workers_alive(self) -> int:
+        """How many workers sent a heartbeat recently."""
+
+    @abc.abstractmethod
+    async def count(self, **counters: int) -> None:
+        """Add to the shared counters (turns, steps, step_rows, ...)."""
+
+    @abc.abstractmethod
+    async def stats(self) -> dict:
+        """Counters, queue lag and dead letters."""
+
+    # -- catalog events ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish_block(self, event: CatalogEvent, data: bytes) -> None:
+        """Store a trained block and tell every worker about it."""
+
+    @abc.abstractmethod
+    async def read_events(self, after: str) -> list[tuple[str, CatalogEvent]]:
+        """Catalog events after the event id `after` ("0" for all), without waiting."""
+
+    @abc.abstractmethod
+    async def get_block(self, key: str) -> bytes:
+        """A trained block's safetensors bytes."""
+
+    # -- expansion jobs ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def submit_job(self, job: TrainJob, character: str) -> JobStatus:
+        """Queue an expansion job (once per id)."""
+
+    @abc.abstractmethod
+    async def fetch_job(self, consumer: str, block_ms: int) -> JobDelivery | None:
+        """The next job to run, if any within `block_ms`."""
+
+    @abc.abstractmethod
+    async def update_job(self, status: JobStatus, delivery: JobDelivery | None = None) -> None:
+        """Record a job's progress (and refresh its claim, so it is not reclaimed)."""
+
+    @abc.abstractmethod
+    async def finish_job(self, delivery: JobDelivery, error: str | None = None) -> JobStatus:
+        """Mark a job done, or retry it (failed after `max_attempts`)."""
+
+    @abc.abstractmethod
+    async def job_status(self, job_id: str) -> JobStatus | None:
+        """A job's current status."""
+
+    async def watch_job(self, job_id: str, poll_s: float = 0.5) -> AsyncIterator[JobStatus]:
+        """Yield a job's status whenever it changes, until it is done or failed."""
+        last = None
+        while True:
+            status = await self.job_status(job_id)
+            if status is not None and status != last:
+                yield status
+                last = status
+                if status.state in ("done", "failed"):
+                    return
+            await asyncio.sleep(poll_s)
+
+    async def close(self) -> None:  # noqa: B027
+        """Release connections."""
+
+
+async def _retry(what: str, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
+    """Run `fn`, retrying on Redis connection errors with backoff (until `deadline`)."""
+    import redis.exceptions as rex
+
+    delay = 0.05
+    while True:
+        try:
+            return await fn()
+        except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError) as exc:
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def open_queue(url: str | None = None, config: QueueConfig | None = None) -> TurnQueue:
+    """`RedisQueue` for `url` (default `$REDIS_URL`), else an in-process `LocalQueue`."""
+    url = url if url is not None else os.environ.get("REDIS_URL", "")
+    if url:
+        from neeko.redis_queue import RedisQueue
+
+        return RedisQueue(url, config)
+    return LocalQueue(config)
+
+
+class LocalQueue(TurnQueue):
+    """The queue protocol in one process, over asyncio primitives."""
+
+    def __init__(self, config: QueueConfig | None = None) -> None:
+        """An empty in-process queue."""
+        super().__init__(config)
+        self._turns: asyncio.Queue[tuple[str, Turn]] = asyncio.Queue()
+        self._replies: dict[str, list[ReplyEvent]] = defaultdict(list)
+        self._results: dict[str, ReplyEvent] = {}
+        self._changed = asyncio.Condition()
+        self._attempts: Counter[str] = Counter()
+        self._seq = 0
+        self.dead: list[tuple[Turn, str]] = []
+        self._alive: dict[str, float] = {}
+        self._stats: Counter[str] = Counter()
+        self._events: list[CatalogEvent] = []
+        self._blocks: dict[str, bytes] = {}
+        self._jobs: asyncio.Queue[tuple[str, TrainJob]] = asyncio.Queue()
+        self._job_status: dict[str, JobStatus] = {}
+
+    async def _enqueue(self, turn: Turn) -> None:
+        if turn.id in self._replies or turn.id in self._results:
+            return
+        self._replies[turn.id] = []
+        await self._put(turn)
+
+    async def _put(self, turn: Turn) -> None:
+        self._seq += 1
+        await self._turns.put((str(self._seq), turn))
+
+    async def _reply_events(self, turn_id: str, deadline: float) -> AsyncIterator[ReplyEvent]:
+        seen = 0
+        while True:
+            events = self._replies.get(turn_id) or (
+                [self._results[turn_id]] if turn_id in self._results else []
+            )
+            for event in events[seen:]:
+                yield event
+                if event.kind != "chunk":
+                    self._replies.pop(turn_id, None)
+                    return
+            seen = len(events)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def fetch(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` queued turns, waiting up to `block_ms` for the first."""
+        out: list[Delivery] = []
+        try:
+            first = (
+                await asyncio.wait_for(self._turns.get(), block_ms / 1000)
+                if block_ms
+                else (self._turns.get_nowait())
+            )
+        except (TimeoutError, asyncio.QueueEmpty):
+            return out
+        items = [first]
+        while len(items) < count and not self._turns.empty():
+            items.append(self._turns.get_nowait())
+        for msg_id, turn in items:
+            if turn.id in self._results:
+                await self._notify()
+                continue
+            self._attempts[turn.id] += 1
+            delivery = Delivery(turn, msg_id, self._attempts[turn.id])
+            if delivery.attempt > self.config.max_attempts:
+                await self._dead_letter(delivery, "too many attempts")
+                continue
+            out.append(delivery)
+        return out
+
+    async def publish(self, chunks: list[tuple[Delivery, str]]) -> None:
+        """Append reply chunks."""
+        for d, text in chunks:
+            if d.turn.id in self._replies:
+                self._replies[d.turn.id].append(ReplyEvent(kind="chunk", text=text, attempt=d.tag))
+        await self._notify()
+
+    async def complete(self, delivery: Delivery, reply: Reply) -> bool:
+        """Write the final reply once."""
+        return await self._finish(delivery.turn.id, ReplyEvent(kind="done", reply=reply))
+
+    async def _finish(self, turn_id: str, event: ReplyEvent) -> bool:
+        if turn_id in self._results:
+            return False
+        self._results[turn_id] = event
+        if turn_id in self._replies:
+            self._replies[turn_id].append(event)
+        await self._notify()
+        return True
+
+    async def fail(self, delivery: Delivery, error: str) -> bool:
+        """Retry, or dead-letter after `max_attempts`."""
+        if delivery.attempt >= self.config.max_attempts:
+            await self._dead_letter(delivery, error)
+            return True
+        await self._put(delivery.turn)
+        return False
+
+    async def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        self.dead.append((delivery.turn, error))
+        self._stats["dead"] += 1
+        await self._finish(delivery.turn.id, ReplyEvent(kind="error", error=error))
+
+    async def heartbeat(self, consumer: str) -> None:
+        """Mark `consumer` alive."""
+        self._alive[consumer] = time.monotonic()
+
+    async def leave(self, consumer: str) -> None:
+        """Forget `consumer`."""
+        self._alive.pop(consumer, None)
+
+    async def workers_alive(self) -> int:
+        """Workers with a recent heartbeat."""
+        now = time.monotonic()
+        return sum(now - t < self.config.alive_ttl_s for t in self._alive.values())
+
+    async def count(self, **counters: int) -> None:
+        """Add to the counters."""
+        self._stats.update(counters)
+
+    async def stats(self) -> dict:
+        """Counters and queue length."""
+        return {**_derived(dict(self._stats)), "queued": self._turns.qsize()}
+
+    async def publish_block(self, event: CatalogEvent, data: bytes) -> None:
+        """Keep the block and record the event."""
+        self._blocks[event.key] = data
+        self._events.append(event)
+
+    async def read_events(self, after: str) -> list[tuple[str, CatalogEvent]]:
+        """Events after index `after`."""
+        start = int(after.split("-")[0]) if after != "0" else 0
+        return [(str(i + 1), e) for i, e in enumerate(self._events) if i >= start]
+
+    async def get_block(self, key: str) -> bytes:
+        """A stored block."""
+        return self._blocks[key]
+
+    async def submit_job(self, job: TrainJob, character: str) -> JobStatus:
+        """Queue a job once."""
+        if job.id not in self._job_status:
+            self._job_status[job.id] = JobStatus(id=job.id, character=character)
+            await self._jobs.put((job.id, job))
+        return self._job_status[job.id]
+
+    async def fetch_job(self, consumer: str, block_ms: int) -> JobDelivery | None:
+        """The next job."""
+        try:
+            msg_id, job = await asyncio.wait_for(self._jobs.get(), block_ms / 1000)
+        except TimeoutError:
+            return None
+        self._attempts[job.id] += 1
+        return JobDelivery(job, msg_id, self._attempts[job.id], consumer)
+
+    async def update_job(self, status: JobStatus, delivery: JobDelivery | None = None) -> None:
+        """Record progress."""
+        self._job_status[status.id] = status
+
+    async def finish_job(self, delivery: JobDelivery, error: str | None = None) -> JobStatus:
+        """Done, retried, or failed."""
+        status = await _finished(self, delivery, error)
+        if status.state == "queued":
+            await self._jobs.put((delivery.msg_id, delivery.job))
+        return status
+
+    async def job_status(self, job_id: str) -> JobStatus | None:
+        """A job's status."""
+        return self._job_status.get(job_id)
+
+
+async def _finished(queue: TurnQueue, delivery: JobDelivery, error: str | None) -> JobStatus:
+    """Record the end of a job attempt: done, queued again, or failed for good."""
+    old = await queue.job_status(delivery.job.id) or JobStatus(id=delivery.job.id)
+    if error is None:
+        state, progress = "done", 1.0
+    else:
+        state = "failed" if delivery.attempt >= queue.config.max_attempts else "queued"
+        progress = old.progress
+    status = old.model_copy(
+        update={
+            "state": state,
+            "progress": progress,
+            "attempts": delivery.attempt,
+            "error": error or "",
+            "updated": time.time(),
+        }
+    )
+    await queue.update_job(status)
+    await queue.count(**{"jobs_done" if state == "done" else f"jobs_{state}": 1})
+    return status
+
+
+def _derived(stats: dict) -> dict:
+    """Counters plus the mean number of rows per decode step."""
+    out = {k: int(v) for k, v in stats.items()}
+    steps = out.get("steps", 0)
+    out["mean_batch"] = round(out.get("step_rows", 0) / steps, 3) if steps else 0.0
+    return out
