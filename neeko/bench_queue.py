@@ -23,12 +23,13 @@ import uuid
 
 import torch
 
+from neeko.characters import Catalog
 from neeko.engine import GenerationRequest
 from neeko.protocol import Message, Reply, Sampling, Turn
 from neeko.queue import Chunk, QueueConfig, TurnQueue, open_queue
 from neeko.redis_server import RedisServer
 from neeko.worker import Worker, WorkerConfig
-from neeko.workflows import CAST_STORE, Runtime, open_runtime
+from neeko.workflows import CAST_STORE, Runtime, open_runtime, untrained_cast_runtime
 
 QUESTIONS = [
     "What are you doing today?",
@@ -44,8 +45,15 @@ def run_queue_bench(
     device: str | None = None,
     redis_url: str | None = None,
 ) -> dict:
-    """Run both measurements; returns the JSON-ready figures."""
-    runtime = open_runtime(CAST_STORE, model, device)
+    """Run both measurements; returns the JSON-ready figures.
+
+    The starter cast's blocks serve the model they were trained on; another model gets the
+    cast with empty blocks (the same amount of work per row).
+    """
+    if Catalog.open(CAST_STORE).model == model:
+        runtime = open_runtime(CAST_STORE, model, device)
+    else:
+        runtime = untrained_cast_runtime(model, device)
     with contextlib.ExitStack() as stack:
         url = redis_url or stack.enter_context(RedisServer(appendonly=False)).url
         return asyncio.run(_bench(runtime, url, quick))

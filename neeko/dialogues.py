@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from neeko.cards import CharacterCard
 from neeko.errors import NeekoError
 
 IGNORE = -100
@@ -179,3 +180,53 @@ def batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
     """Consecutive batches of `size` examples (the last may be smaller)."""
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
+
+
+def job_dialogues(card: CharacterCard, data: bytes | None) -> list[dict]:
+    """Chat-format dialogues for an expansion job: the uploaded JSONL, else the card's examples."""
+    dialogues: list[Dialogue] = []
+    if data:
+        if len(data) > 5_000_000:
+            raise DataError("the dialogue file is over 5 MB")
+        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"dialogues line {n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"dialogues line {n}: each line must be a JSON object")
+                d = parse_dialogue(obj, f"dialogues line {n}")
+                if d.character != card.name:
+                    raise DataError(
+                        f"dialogues line {n}: a dialogue of {d.character!r}, not {card.name!r}"
+                    )
+                dialogues.append(d)
+    else:
+        dialogues = card_examples(card)
+    if not dialogues:
+        raise DataError(
+            f"{card.name} has no example dialogues in its card; attach a JSONL file of dialogues"
+        )
+    return [
+        {"character": card.name, "messages": [{"role": r, "content": t} for r, t in d.messages]}
+        for d in dialogues
+    ]
+
+
+def card_examples(card: CharacterCard) -> list[Dialogue]:
+    """Dialogues from a card's `mes_example` (`<START>` blocks of `{{user}}:` / `{{char}}:`)."""
+    out = []
+    for block in re.split(r"<START>", card.example_dialogues, flags=re.IGNORECASE):
+        messages: list[tuple[str, str]] = []
+        for line in block.splitlines():
+            m = re.match(r"\s*(\{\{user\}\}|<USER>|\{\{char\}\}|<BOT>)\s*:\s*(.*)", line, re.I)
+            if m:
+                role = "user" if m.group(1).lower() in ("{{user}}", "<user>") else "character"
+                messages.append((role, m.group(2).strip()))
+            elif messages and line.strip():
+                role, text = messages[-1]
+                messages[-1] = (role, f"{text}\n{line.strip()}")
+        if any(r == "character" for r, _ in messages) and messages:
+            out.append(Dialogue(card.name, messages, "card example"))
+    return out

@@ -87,14 +87,16 @@ class GenerationResult:
 class _Row:
     """Mutable state of one request inside a DecodeBatch."""
 
-    def __init__(self, index: int, request: GenerationRequest, prompt: list[int]) -> None:
+    def __init__(
+        self, index: int, request: GenerationRequest, prompt: list[int], t0: float
+    ) -> None:
         self.index, self.request, self.prompt = index, request, prompt
         self.sampling = request.sampling
         self.tokens: list[int] = []
         self.sent = ""
         self.text = ""
         self.finish: FinishReason | None = None
-        self.t0 = time.perf_counter()
+        self.t0 = t0  # when the request was handed to the batch (before tokenizing)
         self.t_first = self.t_last = 0.0
         seed = self.sampling.seed
         self.generator = torch.Generator().manual_seed(
@@ -214,6 +216,7 @@ class DecodeBatch:
         eng = self.engine
         if not requests:
             return []
+        t0 = time.perf_counter()
         prompts = [eng.render(r.messages) for r in requests]
         for r, p in zip(requests, prompts, strict=True):
             if len(p) + r.sampling.max_new_tokens > eng.max_positions:
@@ -222,7 +225,7 @@ class DecodeBatch:
                     f"the model's {eng.max_positions} positions"
                 )
         rows = [
-            _Row(self._next_index + i, r, p)
+            _Row(self._next_index + i, r, p, t0)
             for i, (r, p) in enumerate(zip(requests, prompts, strict=True))
         ]
         routing = eng.make_routing(rows)  # checks gates before any state changes

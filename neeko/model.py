@@ -128,6 +128,15 @@ def load(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
 
 
+def load_tokenizer(spec: str = "default") -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model spec (for front ends that count tokens)."""
+    source = str(default_model_dir()) if spec in ("default", "tiny") else spec
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"no tokenizer for model {spec!r}: {exc}") from None
+
+
 def _load(spec: str, dt: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec == "default":
         folder = default_model_dir()

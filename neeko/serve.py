@@ -26,7 +26,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--device", default=None)
     worker.add_argument("--train", action="store_true", help="run expansion jobs instead")
     worker.add_argument("--max-batch", type=int, default=16)
-    worker.add_argument("--gather-ms", type=float, default=2.0)
+    worker.add_argument(
+        "--gather-ms", type=float, default=0.0, help="wait for more turns before a prefill"
+    )
     worker.add_argument("--max-attempts", type=int, default=3)
     worker.add_argument("--claim-idle-ms", type=int, default=30_000)
     worker.add_argument("--job-idle-ms", type=int, default=60_000)
@@ -57,14 +59,31 @@ def _queue(url: str | None, config: QueueConfig | None = None) -> TurnQueue:
     return open_queue(url, config)
 
 
-def writable_store(path: str | Path) -> Path:
-    """A trainer's store: created as a copy of the starter cast's if it does not exist."""
-    from neeko.workflows import CAST_STORE
+def writable_store(path: str | Path, model: str = "default") -> Path:
+    """A store one may train into, created if missing as the starter cast for `model`.
+
+    That is a copy of the committed store when its blocks were trained on `model`, else
+    the cast with empty blocks (the base model's voice) until it is trained.
+    """
+    from filelock import FileLock
+
+    from neeko.characters import Catalog
+    from neeko.workflows import CAST_STORE, untrained_cast_store
 
     path = Path(path)
-    if not (path / "manifest.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(CAST_STORE, path, dirs_exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # several processes may start at once
+        if (path / "manifest.json").exists():
+            return path
+        if Catalog.open(CAST_STORE).model == model:
+            shutil.copytree(CAST_STORE, path, dirs_exist_ok=True)
+        else:
+            logging.getLogger("neeko").warning(
+                "no trained cast blocks for model %r: the cast starts with empty blocks in %s",
+                model,
+                path,
+            )
+            untrained_cast_store(path, model)
     return path
 
 
@@ -84,11 +103,10 @@ async def _serve(queue: TurnQueue, args: argparse.Namespace) -> int:
     from neeko.worker import Trainer, Worker, WorkerConfig
     from neeko.workflows import CAST_STORE, open_runtime
 
-    store = args.store or os.environ.get("NEEKO_STORE") or CAST_STORE
-    if args.train:
-        if not (args.store or os.environ.get("NEEKO_STORE")):
-            raise NeekoError("a trainer writes blocks: pass --store DIR (or set NEEKO_STORE)")
-        store = writable_store(store)
+    named = args.store or os.environ.get("NEEKO_STORE")
+    if args.train and not named:
+        raise NeekoError("a trainer writes blocks: pass --store DIR (or set NEEKO_STORE)")
+    store = writable_store(named, args.model) if named else CAST_STORE
     runtime = await asyncio.to_thread(open_runtime, store, args.model, args.device)
     if args.train:
         server: Worker | Trainer = Trainer(queue, runtime, name=args.name)

@@ -45,9 +45,10 @@ class WorkerConfig:
     """Most turns decoding together."""
     block_ms: int = 1000
     """How long an idle worker waits for turns in one read."""
-    gather_ms: float = 2.0
+    gather_ms: float = 0.0
     """After the first turn reaches an idle worker, wait this long for more to prefill
-    together. Later turns join the running batch between decode steps anyway."""
+    together. Off by default: later turns join the running batch at the next decode step
+    anyway (continuous batching), and the wait would add to every first-token latency."""
     heartbeat_s: float = 3.0
     """Seconds between heartbeats (and claim refreshes of turns in flight)."""
     events_s: float = 0.5

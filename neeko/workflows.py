@@ -63,6 +63,23 @@ def untrained_cast_runtime(model: str = "default", device: str | None = None) ->
     return Runtime(catalog, loaded, bank, Engine(loaded, bank))
 
 
+def untrained_cast_store(folder: str | Path, model: str, device: str | None = None) -> Catalog:
+    """A store of the starter cast for `model` with empty blocks (the base model's voice).
+
+    For models the committed blocks were not trained on; `neeko train --cast --model M
+    --store DIR` trains them.
+    """
+    rt = untrained_cast_runtime(model, device)
+    catalog = Catalog(folder)
+    catalog.model = model
+    for char in rt.catalog.trained():
+        catalog.characters[char.key] = char
+        catalog.embeddings[char.key] = rt.catalog.embeddings[char.key]
+        rt.bank.save_block(char.block, catalog.block_path(char.key), meta={"character": char.name})
+    catalog.save()
+    return catalog
+
+
 def train_cast(
     store: str | Path = CAST_STORE,
     model: str = "default",

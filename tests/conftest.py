@@ -17,6 +17,8 @@ from neeko.lora import LoRABank
 from neeko.model import LoadedModel
 
 N_BLOCKS = 6
+NAMES = ["Ash", "Birch", "Cedar", "Dune", "Ember", "Fjord", "Gale", "Heath"]
+"""The characters of `tiny_store`."""
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +52,24 @@ def bank(tiny: LoadedModel, request: pytest.FixtureRequest) -> LoRABank:
 def engine(tiny: LoadedModel, bank: LoRABank) -> Engine:
     """An engine serving `tiny` with `bank`."""
     return Engine(tiny, bank)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, _tiny_once: LoadedModel):
+    """A read-only store of 8 trained characters (`NAMES`) with random blocks, for `tiny`."""
+    from neeko.cards import card_from_fields
+    from neeko.characters import Catalog
+
+    folder = tmp_path_factory.mktemp("store8")
+    catalog = Catalog(folder)
+    bank = LoRABank(copy.deepcopy(_tiny_once.model))
+    blocks = bank.add_blocks(8, init="random", generator=torch.Generator().manual_seed(1))
+    for name, block in zip(NAMES, blocks, strict=True):
+        char = catalog.add(
+            card_from_fields(name, f"{name} is a character of the test cast.", aliases=[name[:2]])
+        )
+        char.status, char.block = "trained", block
+        bank.save_block(block, catalog.block_path(char.key))
+    catalog.model = "tiny"
+    catalog.save()
+    return folder

@@ -46,6 +46,18 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["mixed_vs_single_k8"] == pytest.approx(ratio, rel=1e-2)
 
 
+@pytest.mark.redis
+def test_bench_queue_json_on_tiny(capsys):
+    assert main(["bench", "queue", "--model", "tiny", "--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {"queue_overhead_ms_p50", "queue_overhead_ms_p99", "batching_speedup"}
+    assert result.keys() >= keys | {"tok_s_batched", "tok_s_max_batch_1", "ttft_direct_ms_p50"}
+    assert 0 < result["queue_overhead_ms_p50"] <= result["queue_overhead_ms_p99"]
+    ratio = result["tok_s_batched"] / result["tok_s_max_batch_1"]
+    assert result["batching_speedup"] == pytest.approx(ratio, rel=1e-2)
+    assert (result["turns"], result["characters"], result["model"]) == (64, 8, "tiny")
+
+
 def test_train_cast_then_demo_and_characters(capsys, tmp_path):
     store = str(tmp_path / "store")
     args = ["--model", "tiny", "--store", store]

@@ -15,13 +15,12 @@ import sys
 import time
 
 import pytest
-import torch
+from conftest import NAMES
 
 from neeko import keys
 from neeko.cards import card_from_fields
 from neeko.characters import Catalog
 from neeko.engine import GenerationRequest
-from neeko.lora import LoRABank
 from neeko.protocol import Message, Reply, Sampling, TrainJob, Turn
 from neeko.queue import (
     Chunk,
@@ -36,26 +35,12 @@ from neeko.worker import Trainer, Worker, WorkerConfig
 from neeko.workflows import open_runtime
 
 pytestmark = pytest.mark.redis
-NAMES = ["Ash", "Birch", "Cedar", "Dune", "Ember", "Fjord", "Gale", "Heath"]
 FAST = QueueConfig(max_attempts=3, claim_idle_ms=1500, job_idle_ms=1500, alive_ttl_s=5)
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory, _tiny_once):
-    """A store of 8 trained characters with random blocks, for the tiny model."""
-    folder = tmp_path_factory.mktemp("store8")
-    catalog = Catalog(folder)
-    model = type(_tiny_once.model)(_tiny_once.model.config)
-    model.load_state_dict(_tiny_once.model.state_dict())
-    bank = LoRABank(model)
-    blocks = bank.add_blocks(8, init="random", generator=torch.Generator().manual_seed(1))
-    for name, block in zip(NAMES, blocks, strict=True):
-        char = catalog.add(card_from_fields(name, f"{name} is a character of the test cast."))
-        char.status, char.block = "trained", block
-        bank.save_block(block, catalog.block_path(char.key))
-    catalog.model = "tiny"
-    catalog.save()
-    return folder
+def store(tiny_store):
+    return tiny_store
 
 
 @pytest.fixture
@@ -110,6 +95,22 @@ async def _done_events(url, turn_ids):
     return counts
 
 
+@pytest.fixture
+def spawn(redis_server, tmp_path):
+    """Start `neeko worker` subprocesses; every one still running is killed at teardown."""
+    procs = []
+
+    def start(args, name):
+        procs.append(_spawn(args, redis_server.url, tmp_path, name))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _spawn(args, redis_url, tmp_path, name):
     """A `neeko worker` subprocess; returns once it printed `ready`."""
     log = open(tmp_path / f"{name}.log", "w+")  # noqa: SIM115
@@ -158,9 +159,9 @@ async def test_200_turns_2_workers_exactly_once_and_equal_to_direct(redis_server
     await queue.close()
 
 
-async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, store, tmp_path):
+async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, store, spawn):
     args = ["--store", str(store), "--claim-idle-ms", "1500", "--max-batch", "8"]
-    doomed = _spawn(args, redis_server.url, tmp_path, "doomed")
+    doomed = spawn(args, "doomed")
     queue = open_queue(redis_server.url, FAST)
     turns = [_turn(i, tokens=150, ignore_eos=True) for i in range(8)]
     pending = [asyncio.create_task(_collect(queue, t, 300)) for t in turns]
@@ -172,7 +173,7 @@ async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, s
     assert (await r.xpending(keys.TURNS, keys.WORKERS))["pending"] > 0
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    survivor = _spawn(args, redis_server.url, tmp_path, "survivor")
+    survivor = spawn(args, "survivor")
     try:
         results = await asyncio.gather(*pending)
     finally:
@@ -290,11 +291,11 @@ async def test_expansion_job_is_served_by_running_workers(redis_server, store, t
     await queue.close()
 
 
-async def test_trainer_killed_mid_job_is_retried_and_finishes(redis_server, store, tmp_path):
+async def test_trainer_killed_mid_job_is_retried_and_finishes(redis_server, store, tmp_path, spawn):
     train_store = tmp_path / "trainer-store"
     shutil.copytree(store, train_store)
     args = ["--train", "--store", str(train_store), "--job-idle-ms", "1500"]
-    doomed = _spawn(args, redis_server.url, tmp_path, "t1")
+    doomed = spawn(args, "t1")
     queue = open_queue(redis_server.url, FAST)
     await queue.submit_job(_job("job2", "Nova", epochs=25, n=8), "Nova")
     while (s := await queue.job_status("job2")).progress < 0.05:
@@ -303,7 +304,7 @@ async def test_trainer_killed_mid_job_is_retried_and_finishes(redis_server, stor
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     assert (await queue.job_status("job2")).state == "running"
-    second = _spawn(args, redis_server.url, tmp_path, "t2")
+    second = spawn(args, "t2")
     try:
         statuses = [s async for s in queue.watch_job("job2", poll_s=0.1)]
     finally:
@@ -314,8 +315,8 @@ async def test_trainer_killed_mid_job_is_retried_and_finishes(redis_server, stor
     await queue.close()
 
 
-async def test_sigterm_finishes_turns_in_flight_then_exits_0(redis_server, store, tmp_path):
-    proc = _spawn(["--store", str(store)], redis_server.url, tmp_path, "w")
+async def test_sigterm_finishes_turns_in_flight_then_exits_0(redis_server, store, spawn):
+    proc = spawn(["--store", str(store)], "w")
     queue = open_queue(redis_server.url, FAST)
     turns = [_turn(i, tokens=100, ignore_eos=True) for i in range(4)]
     pending = [asyncio.create_task(_collect(queue, t)) for t in turns]
