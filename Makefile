@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The two set-up commands of the README: `make chat` and `make test`.
 # Both create .venv and install everything they need on first use.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install chat demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/neeko chat $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/neeko demo
@@ -36,6 +39,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/neeko bench engine --model default --quick --json
+	$(BIN)/neeko bench queue --model default --quick --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

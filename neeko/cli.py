@@ -61,9 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     queue.add_argument("--json", action="store_true", help="print one JSON object")
     queue.set_defaults(func=_bench_queue)
     _character_commands(sub)
+    chat = sub.add_parser("chat", help="chat with the characters in the terminal")
+    chat.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
+    chat.add_argument("--device", default=None)
+    chat.add_argument("--store", default=None, help="character store (default: the cast's)")
+    chat.add_argument("--db", default=None, help="SQLite file (default: ~/.local/share/neeko)")
+    chat.add_argument("--channel", default="terminal", help="conversation to continue")
+    chat.add_argument("--user", default="you", help="your name in the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.set_defaults(func=_chat)
+    from neeko.dbcli import add_commands as add_db_commands
     from neeko.serve import add_commands
 
     add_commands(sub)
+    add_db_commands(sub)
     return parser
 
 
@@ -333,6 +344,26 @@ def _demo(args: argparse.Namespace) -> int:
     tokens = sum(r.completion_tokens for r in results)
     print(f"[{len(results)} characters in one batch: {tokens} tokens in {wall:.1f} s]")
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from neeko.settings import ChatSettings
+    from neeko.terminal import chat
+
+    env = ChatSettings()
+    default_db = Path.home() / ".local" / "share" / "neeko" / "terminal.db"
+    overrides = {
+        "model": args.model,
+        "device": args.device,
+        "store": args.store or env.store,
+        "db_path": args.db or os.environ.get("NEEKO_DB_PATH") or str(default_db),
+        "cooldown_s": 0.0,
+        "reply_tokens": args.max_new_tokens or env.reply_tokens,
+    }
+    settings = env.model_copy(update=overrides)
+    return asyncio.run(chat(settings, args.channel, args.user))
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""The bot's cogs: channel chat and the character slash commands."""

@@ -1,0 +1,64 @@
+"""What the chat service takes and returns; shared by every front end (Discord, terminal)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Author:
+    """Who sent a message or command."""
+
+    id: str
+    name: str
+    """Display name, shown to the character in the history."""
+    moderator: bool = False
+    """May submit and train characters (the front end decides, e.g. Manage Server)."""
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """Who answers in a channel: a character or a fused persona."""
+
+    name: str
+    avatar_url: str = ""
+
+
+@dataclass
+class Answer:
+    """The outcome of a message or command.
+
+    `ok` False means nothing changed and `text` says why. `private` answers (errors, admin
+    replies) are shown only to the author where the front end can (ephemeral in Discord).
+    """
+
+    ok: bool
+    text: str
+    speaker: Speaker | None = None
+    """For a character's reply: who speaks (name and avatar for the webhook)."""
+    notices: list[str] = field(default_factory=list)
+    """Side remarks, e.g. that older history was left out of the prompt."""
+    suggestions: list[str] = field(default_factory=list)
+    """Close character names, for an unknown one."""
+    private: bool = False
+    kind: Literal["reply", "info", "error", "busy"] = "info"
+
+
+@dataclass(frozen=True)
+class CharacterInfo:
+    """One entry of the character list."""
+
+    key: str
+    name: str
+    aliases: tuple[str, ...]
+    status: str
+    """fused | training | trained."""
+    description: str
+    """The first sentence or so of the profile."""
+    avatar_url: str = ""
+
+
+TextCallback = Callable[[str], Awaitable[None]]
+"""Called with the whole reply text so far, whenever it grows (streaming)."""

@@ -1,0 +1,55 @@
+"""Runtime settings from the environment (and `.env`), one class per section.
+
+Every variable is listed, with a comment, in `.env.example`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Section(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+
+class ChatSettings(_Section):
+    """The chat service: storage, queue, model and conversation limits."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEEKO_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    database_url: str = Field("", validation_alias="DATABASE_URL")
+    """SQLAlchemy URL; empty means the SQLite file `db_path`."""
+    db_path: str = "neeko.db"
+    redis_url: str = Field("", validation_alias="REDIS_URL")
+    """Redis for the turn queue; empty runs an in-process queue and worker."""
+    store: str = ""
+    """Character store folder; empty means the packaged starter cast."""
+    model: str = "default"
+    device: str | None = None
+    history_tokens: int = Field(1536, ge=64)
+    """Token budget of the history in a prompt (older turns are left out)."""
+    reply_tokens: int = Field(200, ge=1, le=4096)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_message_chars: int = Field(2000, ge=1)
+    cooldown_s: float = Field(2.0, ge=0)
+    """Least seconds between two messages of one user."""
+    turn_timeout_s: float = Field(300.0, gt=0)
+
+
+class DiscordSettings(_Section):
+    """The Discord bot."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DISCORD_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    token: SecretStr
+    """Bot token (required, no default)."""
+    moderator_role: str = ""
+    """Name or id of a role whose members may moderate characters (besides Manage Server)."""
+    guild_id: int | None = None
+    """Sync slash commands to this guild only (instant; for development)."""

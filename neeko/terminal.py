@@ -1,0 +1,126 @@
+"""`neeko chat`: the chat service in a terminal (also with stdin piped, no TTY needed).
+
+Embedded by default: a SQLite file, the in-process queue and worker, the packaged model
+and the starter cast. Lines starting with `/` are commands; anything else is a message to
+the channel's character, whose reply streams as it is generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+from neeko.chat import ChatService
+from neeko.chat_types import Answer, Author
+from neeko.settings import ChatSettings
+
+HELP = """commands:
+  /become NAME        switch character (a name, an alias, or a description to fuse)
+  /characters         list the characters
+  /reset              start a new conversation with the same character
+  /help               this list
+  /quit               leave (also Ctrl-D)"""
+
+
+class Terminal:
+    """Reads lines, writes answers; one channel, one user."""
+
+    def __init__(self, service: ChatService, channel: str, user: str, out: TextIO) -> None:
+        """A terminal session on `channel` as `user`."""
+        self.service, self.channel, self.out = service, channel, out
+        self.author = Author(id=f"terminal:{user}", name=user, moderator=True)
+        self._shown = ""
+
+    def write(self, text: str = "", end: str = "\n") -> None:
+        """Print and flush."""
+        self.out.write(text + end)
+        self.out.flush()
+
+    async def run(self, read_line: Callable[[], Awaitable[str | None]]) -> None:
+        """Handle lines until /quit or end of input (`read_line` returns None)."""
+        speaker = await self.service.speaker(self.channel)
+        self.write(f"[{speaker.name} speaks here. /help lists the commands.]")
+        while (line := await read_line()) is not None:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not await self.command(line):
+                    return
+            else:
+                await self.message(line)
+
+    async def command(self, line: str) -> bool:
+        """Run a slash command; False means quit."""
+        name, _, arg = line[1:].partition(" ")
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "become":
+            self.show(await self.service.become(self.channel, self.author, arg))
+        elif name == "characters":
+            for c in await self.service.characters():
+                aliases = f" (also {', '.join(c.aliases)})" if c.aliases else ""
+                self.write(f"  {c.name}{aliases} [{c.status}]: {c.description}")
+        elif name == "reset":
+            self.show(await self.service.reset(self.channel, self.author))
+        elif name == "help":
+            self.write(HELP)
+        else:
+            self.write(f"unknown command /{name}\n{HELP}")
+        return True
+
+    async def message(self, text: str) -> None:
+        """Send a message; stream the reply."""
+        speaker = await self.service.speaker(self.channel)
+        self._shown = ""
+        self.write(f"{speaker.name}: ", end="")
+        answer = await self.service.handle_message(
+            self.channel, self.author, text, uuid.uuid4().hex, on_text=self._stream
+        )
+        if answer.ok:
+            self._stream_final(answer.text)
+            for notice in answer.notices:
+                self.write(f"[{notice}]")
+        else:
+            self.write("" if not self._shown else "\n", end="")
+            self.write(f"[{answer.text}]")
+
+    async def _stream(self, text: str) -> None:
+        if not text.startswith(self._shown):  # the reply restarted on another worker
+            self.write("\n  ...", end="")
+            self._shown = ""
+        self.write(text[len(self._shown) :], end="")
+        self._shown = text
+
+    def _stream_final(self, text: str) -> None:
+        if text.startswith(self._shown):
+            self.write(text[len(self._shown) :])
+        else:
+            self.write(f"\n{text}")
+
+    def show(self, answer: Answer) -> None:
+        """Print a command's answer."""
+        self.write(f"[{answer.text}]")
+        for notice in answer.notices:
+            self.write(f"{answer.speaker.name if answer.speaker else ''}: {notice}")
+
+
+async def chat(settings: ChatSettings, channel: str, user: str) -> int:
+    """Run the terminal chat until /quit or end of input; returns the exit code."""
+    from neeko.service import open_service
+
+    interactive = sys.stdin.isatty()
+
+    async def read_line() -> str | None:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = await asyncio.to_thread(sys.stdin.readline)
+        return line or None
+
+    async with open_service(settings) as service:
+        await Terminal(service, channel, user, sys.stdout).run(read_line)
+    return 0

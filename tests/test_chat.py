@@ -1,0 +1,270 @@
+"""ChatService on a real SQLite file, the in-process queue and worker, and the tiny model."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import NAMES
+from sqlalchemy import func, select
+
+from neeko import db
+from neeko.characters import Catalog
+from neeko.chat import ChatService
+from neeko.chat_types import Author
+from neeko.engine import GenerationRequest
+from neeko.protocol import Reply, Turn
+from neeko.queue import LocalQueue
+from neeko.service import open_service
+from neeko.settings import ChatSettings
+from neeko.workflows import open_runtime
+
+ANN = Author("u1", "Ann")
+BOB = Author("u2", "Bob")
+MOD = Author("m1", "Mo", moderator=True)
+
+
+class RecordingQueue(LocalQueue):
+    """The in-process queue, keeping every turn it was given."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.turns: list[Turn] = []
+
+    async def _enqueue(self, turn):
+        self.turns.append(turn)
+        await super()._enqueue(turn)
+
+
+@pytest.fixture
+def settings(tmp_path, tiny_store):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    return ChatSettings(
+        model="tiny",
+        store=str(store),
+        db_path=str(tmp_path / "chat.db"),
+        cooldown_s=0,
+        temperature=0,
+        reply_tokens=12,
+    )
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every RecordingQueue the service opens."""
+    made: list[RecordingQueue] = []
+
+    def make(url=None, config=None):
+        made.append(RecordingQueue(config))
+        return made[-1]
+
+    monkeypatch.setattr("neeko.service.open_queue", make)
+    return made
+
+
+async def _count(service, model):
+    async with service.sessions() as s:
+        return await s.scalar(select(func.count()).select_from(model))
+
+
+async def test_reply_streams_and_equals_the_engine(settings, recorded):
+    async with open_service(settings) as service:
+        assert (await service.become("c", ANN, "Birch")).ok
+        streamed = []
+
+        async def on_text(text):
+            streamed.append(text)
+
+        answer = await service.handle_message("c", ANN, "Hello there!", "101", on_text)
+        turn = recorded[0].turns[-1]
+    assert answer.ok
+    assert answer.kind == "reply"
+    assert answer.speaker.name == "Birch"
+    assert (streamed and streamed[-1] == answer.text.strip()) or answer.text == "…"
+    assert turn.character == "birch"
+    assert turn.messages[-1].content == "Ann: Hello there!"
+    assert turn.messages[0].role == "system"
+    assert "You are Birch." in turn.messages[0].content
+    rt = open_runtime(settings.store, "tiny")
+    req = GenerationRequest(
+        [m.model_dump() for m in turn.messages],
+        rt.catalog.gate("birch"),
+        turn.sampling.params(),
+    )
+    assert answer.text == rt.engine.generate([req])[0].text.strip()
+
+
+async def test_history_survives_a_restart(settings, recorded):
+    async with open_service(settings) as service:
+        await service.become("c", ANN, "Cedar")
+        first = await service.handle_message("c", ANN, "My name is Ann.", "1")
+        await service.handle_message("c", BOB, "And I am Bob.", "2")
+    async with open_service(settings) as service:
+        assert (await service.speaker("c")).name == "Cedar"
+        await service.handle_message("c", ANN, "Who am I?", "3")
+    contents = [m.content for m in recorded[-1].turns[-1].messages[1:]]
+    assert contents[:2] == ["Ann: My name is Ann.", first.text]
+    assert contents[2] == "Bob: And I am Bob."
+    assert contents[-1] == "Ann: Who am I?"
+
+
+async def test_two_messages_at_once_are_answered_in_order(settings, recorded):
+    async with open_service(settings) as service:
+        first, second = await asyncio.gather(
+            service.handle_message("c", ANN, "first", "a1"),
+            service.handle_message("c", BOB, "second", "a2"),
+        )
+    assert first.ok
+    assert second.ok
+    turns = recorded[0].turns
+    assert [t.messages[-1].content for t in turns] == ["Ann: first", "Bob: second"]
+    # the second prompt was built after the first reply was stored: one at a time, in order
+    assert [m.content for m in turns[1].messages[1:3]] == ["Ann: first", first.text]
+
+
+async def test_bad_input_is_refused_and_changes_nothing(settings, recorded):
+    settings = settings.model_copy(update={"cooldown_s": 60, "max_message_chars": 50})
+    async with open_service(settings) as service:
+        too_long = await service.handle_message("c", ANN, "x" * 51, "1")
+        assert not too_long.ok
+        assert "limit is 50" in too_long.text
+        assert (await service.handle_message("c", ANN, "hi", "2")).ok
+        busy = await service.handle_message("c", ANN, "again", "3")
+        assert (busy.ok, busy.kind) == (False, "busy")
+        unknown = await service.become("c", ANN, "Birhc")
+        assert not unknown.ok
+        assert unknown.suggestions == ["Birch"]
+        assert (await service.speaker("c")).name == NAMES[0]
+        assert await _count(service, db.MessageRow) == 2
+        refused = await service.submit_character(ANN, name="Zed", profile="A zebra.")
+        assert not refused.ok
+        assert "moderators" in refused.text
+        bad = await service.submit_character(MOD, card=b"{not json", filename="x.json")
+        assert not bad.ok
+        assert "not added" in bad.text
+        huge = await service.submit_character(MOD, card=b" " * 2_000_000, filename="x.json")
+        assert not huge.ok
+        assert await _count(service, db.CharacterRow) == 0
+        assert service.catalog.find("Zed") is None
+
+
+async def test_mentions_in_model_output_cannot_ping(settings):
+    """A hand-run worker answers with mentions; the service breaks every one of them."""
+    url = db.database_url(None, settings.db_path)
+    await db.upgrade(url)
+    engine = db.make_engine(url)
+    queue = LocalQueue()
+    service = ChatService(
+        settings, db.sessionmaker(engine), queue, Catalog.open(settings.store), len
+    )
+    await queue.heartbeat("hand")
+
+    async def hand_worker():
+        (delivery,) = await queue.fetch("hand", 1, 5000)
+        text = "@everyone look <@123> <@&456> <#789> @here"
+        reply = Reply(
+            turn=delivery.turn.id,
+            text=text,
+            finish_reason="eos",
+            prompt_tokens=1,
+            completion_tokens=1,
+            worker="hand",
+        )
+        await queue.complete(delivery, reply)
+
+    task = asyncio.create_task(hand_worker())
+    answer = await service.handle_message("c", ANN, "hi", "1")
+    await task
+    await engine.dispose()
+    assert answer.ok
+    for ping in ("@everyone", "@here", "<@123>", "<@&456>", "<#789>"):
+        assert ping not in answer.text
+    assert answer.text.replace("\u200b", "") == "@everyone look <@123> <@&456> <#789> @here"
+
+
+async def test_persona_and_reset(settings, recorded):
+    async with open_service(settings) as service:
+        persona = await service.become("c", ANN, "a grumpy old lighthouse keeper")
+        assert persona.ok
+        assert persona.speaker.name == "a grumpy old lighthouse keeper"
+        await service.handle_message("c", ANN, "hello", "1")
+        turn = recorded[0].turns[-1]
+        assert turn.character is None
+        assert set(turn.mix) <= {n.lower() for n in NAMES}
+        assert len(turn.mix) == 3
+        assert sum(turn.mix.values()) == pytest.approx(1.0)
+        assert (await service.reset("c", ANN)).ok
+        await service.handle_message("c", ANN, "again", "2")
+        assert [m.role for m in recorded[0].turns[-1].messages] == ["system", "user"]
+
+
+async def test_history_cut_is_announced_once(settings, recorded):
+    settings = settings.model_copy(update={"history_tokens": 64})
+    async with open_service(settings) as service:
+        notices = []
+        for i in range(6):
+            answer = await service.handle_message("c", ANN, f"message {i} " * 5, str(i))
+            notices += answer.notices
+    assert len(notices) == 1
+    assert "oldest messages" in notices[0]
+    assert len(recorded[0].turns[-1].messages) < 12
+
+
+async def test_submit_then_train_a_character(settings, recorded):
+    progress = []
+
+    async def on_progress(line):
+        progress.append(line)
+
+    dialogues = "\n".join(
+        json.dumps(
+            {
+                "character": "Nova",
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "character", "content": f"WHOOSH! Answer {i}!"},
+                ],
+            }
+        )
+        for i in range(4)
+    ).encode()
+    async with open_service(settings) as service:
+        added = await service.submit_character(MOD, name="Nova", profile="A loud comet.")
+        assert added.ok
+        assert (await service.become("c", ANN, "nova")).ok
+        await service.handle_message("c", ANN, "hi", "1")
+        assert recorded[0].turns[-1].mix  # fused: a mix over trained characters
+        bad = await service.train_character(MOD, "Nova", "c", b'{"character": "Other"}')
+        assert not bad.ok
+        started = await service.train_character(MOD, "Nova", "c", dialogues, on_progress)
+        assert started.ok, started.text
+        while not any("block of its own" in p or "failed" in p for p in progress):
+            await asyncio.sleep(0.1)
+        assert "block of its own" in progress[-1]
+        assert (await service.character_status("Nova")).text.startswith("**Nova**: trained")
+        answer = await service.handle_message("c", ANN, "hi again", "2")
+        assert answer.ok
+        assert recorded[0].turns[-1].character == "nova"
+    async with open_service(settings) as service:  # still trained after a restart
+        assert service.catalog.find("Nova").status == "trained"
+
+
+def test_terminal_chat_with_piped_stdin(settings):
+    script = "/become Birch\nHello there!\n/characters\n/quit\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "neeko.cli", "chat", "--model", "tiny", "--store", settings.store,
+         "--db", settings.db_path, "--max-new-tokens", "8"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "[**Birch** now speaks in this channel.]" in lines
+    reply = next(line for line in lines if line.startswith("Birch: "))
+    assert len(reply) > len("Birch: ")
+    assert any("Heath (also He) [trained]" in line for line in lines)
