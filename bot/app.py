@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from bot.cogs.characters import CharactersCog
 from bot.cogs.chat import ChatCog
+from bot.sender import WebhookCache
 from neeko.settings import ChatSettings, DiscordSettings
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ class NeekoBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         """Add the cogs and sync the slash commands (to `guild_id` only, if set)."""
-        await self.add_cog(ChatCog(self.service, self.settings))
-        await self.add_cog(CharactersCog(self.service, self.settings))
+        webhooks = WebhookCache()
+        await self.add_cog(ChatCog(self.service, self.settings, webhooks=webhooks))
+        await self.add_cog(CharactersCog(self.service, self.settings, webhooks))
         if self.settings.guild_id is not None:
             guild = discord.Object(id=self.settings.guild_id)
             self.tree.copy_global_to(guild=guild)

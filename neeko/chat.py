@@ -193,25 +193,35 @@ class ChatService:
         raise QueueError("the reply stream ended early")  # pragma: no cover
 
     def _window(self, voice: _Voice, history: list[db.MessageRow]) -> tuple[list[Message], bool]:
-        """System prompt plus the newest history that fits the token budget."""
+        """System prompt plus the newest history that fits the token budget.
+
+        Turns alternate user / assistant, as strict chat templates demand: consecutive user
+        messages (several people talking) are merged, and an opening line of the character
+        (its greeting) goes into the system prompt.
+        """
         budget = self.settings.history_tokens
-        picked: list[Message] = []
+        picked: list[db.MessageRow] = []
         for row in reversed(history):
-            if row.role == "user":
-                msg = Message(role="user", content=f"{row.author_name}: {row.content}")
-            else:
-                msg = Message(role="assistant", content=row.content)
-            cost = self.count_tokens(msg.content) + 4
+            cost = self.count_tokens(row.content) + 8
             if picked and cost > budget:
                 break
             budget -= cost
-            picked.append(msg)
+            picked.append(row)
         cut = len(picked) < len(history)
-        while picked and picked[-1].role == "assistant":  # start with a user turn
-            picked.pop()
-            cut = True
-        system = Message(role="system", content=f"{voice.system}\n{MULTI_USER}")
-        return [system, *reversed(picked)], cut
+        turns: list[tuple[str, str]] = []
+        for row in reversed(picked):
+            role = "user" if row.role == "user" else "assistant"
+            text = f"{row.author_name}: {row.content}" if role == "user" else row.content
+            if turns and turns[-1][0] == role:
+                turns[-1] = (role, f"{turns[-1][1]}\n{text}")
+            else:
+                turns.append((role, text))
+        system = f"{voice.system}\n{MULTI_USER}"
+        if turns and turns[0][0] == "assistant":
+            system += f"\nYou opened the conversation with: {turns.pop(0)[1]}"
+        return [Message(role="system", content=system)] + [
+            Message(role=r, content=t) for r, t in turns
+        ], cut
 
     # -- commands ----------------------------------------------------------------------
 
@@ -256,9 +266,19 @@ class ChatService:
                     f"{self.catalog.characters[k].name} {w:.0%}" for k, w in state.mix.items()
                 )
                 message = f"A fused persona now speaks: **{voice.speaker.name}** ({mix})."
+            if voice.greeting:  # the opening line of the new conversation
+                s.add(
+                    db.MessageRow(
+                        channel_id=channel,
+                        session=state.session,
+                        role="character",
+                        author_id=f"character:{voice.character or 'persona'}",
+                        author_name=voice.speaker.name,
+                        content=voice.greeting,
+                    )
+                )
             await s.commit()
-        notices = [voice.greeting] if voice.greeting else []
-        return Answer(True, message, voice.speaker, notices)
+        return Answer(True, message, voice.speaker, greeting=voice.greeting)
 
     async def characters(self) -> list[CharacterInfo]:
         """Every character of the catalog (starter cast and submitted ones)."""

@@ -44,6 +44,8 @@ class Answer:
     """Close character names, for an unknown one."""
     private: bool = False
     kind: Literal["reply", "info", "error", "busy"] = "info"
+    greeting: str = ""
+    """After /become: the new speaker's opening line, to post in the channel as the speaker."""
 
 
 @dataclass(frozen=True)

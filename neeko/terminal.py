@@ -102,10 +102,12 @@ class Terminal:
             self.write(f"\n{text}")
 
     def show(self, answer: Answer) -> None:
-        """Print a command's answer."""
+        """Print a command's answer (and the new speaker's greeting)."""
         self.write(f"[{answer.text}]")
         for notice in answer.notices:
-            self.write(f"{answer.speaker.name if answer.speaker else ''}: {notice}")
+            self.write(f"[{notice}]")
+        if answer.greeting and answer.speaker is not None:
+            self.write(f"{answer.speaker.name}: {answer.greeting}")
 
 
 async def chat(settings: ChatSettings, channel: str, user: str) -> int:

@@ -74,7 +74,8 @@ class FakeChatService:
                 private=True,
                 kind="error",
             )
-        return Answer(True, f"{text} now speaks here.", speaker=Speaker(text))
+        greeting = "Ahoy, matey!" if text == "Mara" else ""
+        return Answer(True, f"{text} now speaks here.", speaker=Speaker(text), greeting=greeting)
 
     async def characters(self):
         self._record("characters")
@@ -348,6 +349,12 @@ async def test_become_defers_then_follows_up_once(cog, service):
     announce = interaction.channel.send.await_args
     assert "Mara" in announce.args[0]
     assert announce.kwargs["allowed_mentions"] == NO_MENTIONS
+    # the greeting is posted in the channel as the character, through the webhook
+    hook = interaction.channel.create_webhook.return_value
+    greeting = hook.send.await_args
+    assert greeting.args[0] == "Ahoy, matey!"
+    assert greeting.kwargs["username"] == "Mara"
+    assert greeting.kwargs["allowed_mentions"] == NO_MENTIONS
 
 
 @pytest.mark.parametrize("name", ["Marra", "Mara Vel"])

@@ -268,3 +268,15 @@ def test_terminal_chat_with_piped_stdin(settings):
     reply = next(line for line in lines if line.startswith("Birch: "))
     assert len(reply) > len("Birch: ")
     assert any("Heath (also He) [trained]" in line for line in lines)
+
+
+async def test_greeting_opens_the_conversation(settings, recorded):
+    async with open_service(settings) as service:
+        await service.submit_character(MOD, name="Zed", profile="A zebra.", greeting="Hi! Zed.")
+        became = await service.become("c", ANN, "Zed")
+        assert became.greeting == "Hi! Zed."
+        await service.handle_message("c", ANN, "hello", "1")
+        await service.handle_message("c", BOB, "hi", "2")
+    system, *rest = recorded[0].turns[-1].messages
+    assert system.content.endswith("You opened the conversation with: Hi! Zed.")
+    assert [m.role for m in rest] == ["user", "assistant", "user"]

@@ -11,6 +11,7 @@ moderators without Manage Server.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -20,8 +21,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.checks import author_of
-from bot.sender import MESSAGE_LIMIT, NO_MENTIONS, with_notices
-from neeko.chat_types import Author, CharacterInfo
+from bot.sender import (
+    MESSAGE_LIMIT,
+    NO_MENTIONS,
+    ChannelPoster,
+    WebhookCache,
+    split_message,
+    with_notices,
+)
+from neeko.chat_types import Author, CharacterInfo, Speaker
 from neeko.settings import DiscordSettings
 
 if TYPE_CHECKING:
@@ -43,9 +51,16 @@ class CharactersCog(commands.Cog):
         name="character", description="Add, train and inspect characters.", guild_only=True
     )
 
-    def __init__(self, service: ChatService, settings: DiscordSettings) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        settings: DiscordSettings,
+        webhooks: WebhookCache | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
+        self.webhooks = webhooks or WebhookCache()
+        """Shared with the chat cog: one webhook per channel."""
 
     @app_commands.command(name="become", description="Choose who speaks in this channel.")
     @app_commands.describe(
@@ -69,6 +84,14 @@ class CharactersCog(commands.Cog):
                 f"{_who(interaction)} chose **{discord.utils.escape_markdown(speaker.name)}** "
                 "to speak here.",
             )
+            if answer.greeting and isinstance(interaction.channel, discord.abc.Messageable):
+                poster = ChannelPoster(
+                    interaction.channel, self.webhooks, functools.partial(_same, speaker)
+                )
+                poster.speaker = speaker
+                with contextlib.suppress(discord.HTTPException):
+                    for chunk in split_message(answer.greeting):
+                        await poster.send(chunk)
 
     @app_commands.command(name="characters", description="List the characters to talk to.")
     @app_commands.guild_only()
@@ -255,6 +278,10 @@ async def _announce(interaction: discord.Interaction, text: str) -> None:
     if isinstance(channel, discord.abc.Messageable):
         with contextlib.suppress(discord.HTTPException):
             await channel.send(text, allowed_mentions=NO_MENTIONS)
+
+
+async def _same(speaker: Speaker) -> Speaker:
+    return speaker
 
 
 def _channel_key(interaction: discord.Interaction) -> str:
