@@ -91,14 +91,9 @@ class ChatService:
         content = content.strip()
         limit = self.settings.max_message_chars
         if not content:
-            return Answer(False, "Say something first.", private=True, kind="error")
+            return _error("Say something first.")
         if len(content) > limit:
-            return Answer(
-                False,
-                f"Your message has {len(content)} characters; the limit is {limit}.",
-                private=True,
-                kind="error",
-            )
+            return _error(f"Your message has {len(content)} characters; the limit is {limit}.")
         now = time.monotonic()
         last = self._last_message.get(author.id)
         if last is not None and now - last < self.settings.cooldown_s:
@@ -229,24 +224,16 @@ class ChatService:
         """Switch the channel's character: a name or alias, else a fused free-text persona."""
         text = " ".join(text.split())
         if not text:
-            return Answer(False, "Name a character, or describe one.", private=True, kind="error")
+            return _error("Name a character, or describe one.")
         if len(text) > MAX_PERSONA_CHARS:
-            return Answer(
-                False,
-                f"A persona description is at most {MAX_PERSONA_CHARS} characters.",
-                private=True,
-                kind="error",
-            )
+            return _error(f"A persona description is at most {MAX_PERSONA_CHARS} characters.")
         await self._sync_catalog()
         found = self.catalog.resolve(text)
         if found.kind == "suggestions":
             names = ", ".join(found.suggestions)
-            return Answer(
-                False,
+            return _error(
                 f"No character is called {text!r}. Did you mean: {names}?",
                 suggestions=found.suggestions,
-                private=True,
-                kind="error",
             )
         async with self._lock(channel), self.sessions() as s:
             state = await self._state(s, channel)
@@ -334,16 +321,11 @@ class ChatService:
             elif name and profile:
                 parsed = card_from_fields(name, profile, greeting=greeting)
             else:
-                return Answer(
-                    False,
-                    "Attach a card, or give a name and a profile.",
-                    private=True,
-                    kind="error",
-                )
+                return _error("Attach a card, or give a name and a profile.")
             await self._sync_catalog()
             char = await asyncio.to_thread(self.catalog.fuse, parsed)
         except NeekoError as exc:
-            return Answer(False, f"Character not added: {exc}", private=True, kind="error")
+            return _error(f"Character not added: {exc}")
         async with self.sessions() as s:
             s.add(
                 db.CharacterRow(
@@ -380,15 +362,13 @@ class ChatService:
         await self._sync_catalog()
         char = self.catalog.find(name)
         if char is None:
-            return Answer(False, f"No character is called {name!r}.", private=True, kind="error")
+            return _error(f"No character is called {name!r}.")
         if char.status != "fused":
-            return Answer(
-                False, f"{char.name} is already {char.status}.", private=True, kind="error"
-            )
+            return _error(f"{char.name} is already {char.status}.")
         try:
             data = job_dialogues(char.card, dialogues)
         except DataError as exc:
-            return Answer(False, str(exc), private=True, kind="error")
+            return _error(str(exc))
         job = TrainJob(
             id=f"train-{uuid.uuid4().hex[:16]}", card=char.card.to_dict(), dialogues=data
         )
@@ -419,7 +399,7 @@ class ChatService:
         await self._sync_catalog()
         char = self.catalog.find(name)
         if char is None:
-            return Answer(False, f"No character is called {name!r}.", private=True, kind="error")
+            return _error(f"No character is called {name!r}.")
         text = f"**{char.name}**: {char.status}"
         async with self.sessions() as s:
             job = await s.scalar(
@@ -573,13 +553,13 @@ def _turn_id(message_id: str) -> str:
     return f"msg-{clean}"
 
 
+def _error(text: str, suggestions: list[str] | None = None) -> Answer:
+    """A private refusal: nothing changed, `text` says why."""
+    return Answer(False, text, suggestions=suggestions or [], private=True, kind="error")
+
+
 def _refused() -> Answer:
-    return Answer(
-        False,
-        "Only moderators (Manage Server, or the moderator role) may do that.",
-        private=True,
-        kind="error",
-    )
+    return _error("Only moderators (Manage Server, or the moderator role) may do that.")
 
 
 def _info(c: Character) -> CharacterInfo:

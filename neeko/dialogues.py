@@ -49,14 +49,22 @@ def read_dialogues(path: str | Path) -> list[Dialogue]:
     """All dialogues of a JSONL file in either format; errors name the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    out = parse_jsonl(text, str(path))
+    if not out:
+        raise DataError(f"{path}: no dialogues")
+    return out
+
+
+def parse_jsonl(text: str, source: str) -> list[Dialogue]:
+    """Dialogues of JSONL text (blank lines skipped); errors name `source:line`."""
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
+        where = f"{source}:{n}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -64,8 +72,6 @@ def read_dialogues(path: str | Path) -> list[Dialogue]:
         if not isinstance(obj, dict):
             raise DataError(f"{where}: each line must be a JSON object")
         out.append(parse_dialogue(obj, where))
-    if not out:
-        raise DataError(f"{path}: no dialogues")
     return out
 
 
@@ -188,20 +194,10 @@ def job_dialogues(card: CharacterCard, data: bytes | None) -> list[dict]:
     if data:
         if len(data) > 5_000_000:
             raise DataError("the dialogue file is over 5 MB")
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"dialogues line {n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"dialogues line {n}: each line must be a JSON object")
-                d = parse_dialogue(obj, f"dialogues line {n}")
-                if d.character != card.name:
-                    raise DataError(
-                        f"dialogues line {n}: a dialogue of {d.character!r}, not {card.name!r}"
-                    )
-                dialogues.append(d)
+        dialogues = parse_jsonl(data.decode("utf-8", errors="replace"), "dialogues")
+        for d in dialogues:
+            if d.character != card.name:
+                raise DataError(f"{d.source}: a dialogue of {d.character!r}, not {card.name!r}")
     else:
         dialogues = card_examples(card)
     if not dialogues:
