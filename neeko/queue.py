@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,6 +33,8 @@ from neeko.protocol import CatalogEvent, JobStatus, Reply, ReplyEvent, TrainJob,
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_RESULTS = 100_000
+"""The in-process queue remembers this many answered turns (for idempotent resubmission)."""
 
 
 class QueueError(NeekoError):
@@ -282,7 +284,7 @@ class LocalQueue(TurnQueue):
         super().__init__(config)
         self._turns: asyncio.Queue[tuple[str, Turn]] = asyncio.Queue()
         self._replies: dict[str, list[ReplyEvent]] = defaultdict(list)
-        self._results: dict[str, ReplyEvent] = {}
+        self._results: OrderedDict[str, ReplyEvent] = OrderedDict()  # the newest MAX_RESULTS
         self._changed = asyncio.Condition()
         self._attempts: Counter[str] = Counter()
         self._seq = 0
@@ -368,6 +370,9 @@ class LocalQueue(TurnQueue):
         if turn_id in self._results:
             return False
         self._results[turn_id] = event
+        self._attempts.pop(turn_id, None)
+        while len(self._results) > MAX_RESULTS:
+            self._results.popitem(last=False)
         if turn_id in self._replies:
             self._replies[turn_id].append(event)
         await self._notify()

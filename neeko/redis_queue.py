@@ -315,8 +315,16 @@ class RedisQueue(TurnQueue):
             )
 
     async def heartbeat(self, consumer: str) -> None:
-        """Record that `consumer` is alive."""
-        await _retry("heartbeat", lambda: self.redis.zadd(keys.ALIVE, {consumer: time.time()}))
+        """Record that `consumer` is alive (and forget workers silent for a day)."""
+
+        async def beat() -> None:
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.ALIVE, {consumer: now})
+            pipe.zremrangebyscore(keys.ALIVE, "-inf", now - 86_400)
+            await pipe.execute()
+
+        await _retry("heartbeat", beat)
 
     async def leave(self, consumer: str) -> None:
         """Remove `consumer` from the live set."""
