@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import NAMES
@@ -20,6 +21,7 @@ from conftest import NAMES
 from neeko import keys
 from neeko.cards import card_from_fields
 from neeko.characters import Catalog
+from neeko.dialogues import read_dialogues
 from neeko.engine import GenerationRequest
 from neeko.protocol import Message, Reply, Sampling, TrainJob, Turn
 from neeko.queue import (
@@ -388,3 +390,27 @@ def test_turn_payloads_are_validated():
     with pytest.raises(ValueError, match="at least 1"):
         Turn(id="a", channel="c", messages=())
     assert keys.reply("x") == "neeko:reply:x"
+
+
+def test_job_command_queues_an_expansion_job(redis_server, tmp_path):
+    cast = Path(__file__).parent.parent / "neeko" / "data" / "cast" / "bolt"
+    out = subprocess.run(
+        [sys.executable, "-m", "neeko.cli", "job", "--redis-url", redis_server.url,
+         "--card", str(cast / "card.json"), "--data", str(cast / "train.jsonl"),
+         "--id", "job-bolt", "--no-wait"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    status = json.loads(out.stdout)
+    assert (status["id"], status["state"], status["character"]) == ("job-bolt", "queued", "BOLT-7")
+
+    async def queued():
+        queue = open_queue(redis_server.url, FAST)
+        delivery = await queue.fetch_job("t", 100)
+        await queue.close()
+        return delivery
+
+    delivery = asyncio.run(queued())
+    assert delivery.job.card["name"] == "BOLT-7"
+    assert len(delivery.job.dialogues) == len(read_dialogues(cast / "train.jsonl"))
