@@ -163,28 +163,38 @@ async def test_200_turns_2_workers_exactly_once_and_equal_to_direct(redis_server
 
 async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, store, spawn):
     args = ["--store", str(store), "--claim-idle-ms", "1500", "--max-batch", "8"]
-    doomed = spawn(args, "doomed")
+    doomed, survivor = spawn(args, "doomed"), spawn(args, "survivor")
     queue = open_queue(redis_server.url, FAST)
-    turns = [_turn(i, tokens=150, ignore_eos=True) for i in range(8)]
+    turns = [_turn(i, tokens=300, ignore_eos=True) for i in range(16)]
     pending = [asyncio.create_task(_collect(queue, t, 300)) for t in turns]
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(redis_server.url)
-    while not any([await r.exists(keys.reply(t.id)) for t in turns]):  # chunks are flowing
+
+    async def held_by(name):
+        entries = await r.xpending_range(keys.TURNS, keys.WORKERS, "-", "+", 100, name)
+        return [e["message_id"] for e in entries]
+
+    while not (await held_by("doomed") and await held_by("survivor")):  # both mid-batch
         await asyncio.sleep(0.02)
-    assert (await r.xpending(keys.TURNS, keys.WORKERS))["pending"] > 0
+    lost = {
+        json.loads(fields[b"data"])["id"]
+        for i in await held_by("doomed")
+        for _, fields in await r.xrange(keys.TURNS, i, i)
+    }
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    survivor = spawn(args, "survivor")
     try:
         results = await asyncio.gather(*pending)
     finally:
         survivor.terminate()
         assert survivor.wait(60) == 0
+    assert lost
     expected = _reference(open_runtime(store, "tiny"), turns)
     for t, (reply, streamed) in zip(turns, results, strict=True):
         assert reply.text == streamed == expected[t.id]
-        assert reply.worker == "survivor"
+        if t.id in lost:
+            assert reply.worker == "survivor"
     assert set((await _done_events(redis_server.url, [t.id for t in turns])).values()) == {1}
     assert (await r.xpending(keys.TURNS, keys.WORKERS))["pending"] == 0
     await r.aclose()
