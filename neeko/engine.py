@@ -244,7 +244,7 @@ class DecodeBatch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
         )
         pending = self._sample(logits, rows)
         indices = [r.index for r in rows]
@@ -274,7 +274,7 @@ class DecodeBatch:
             input_ids=self.pending[:, None],
             attention_mask=self.mask,
             position_ids=self.positions[:, None],
-            past_key_values=self.cache,
+            cache=self.cache,
         )
         self.positions = self.positions + 1
         self.pending = self._sample(logits, self.rows)
