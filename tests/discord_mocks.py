@@ -1,0 +1,116 @@
+"""Discord objects for the cog tests: `spec_set` autospecs, so a misspelt attribute fails."""
+
+from __future__ import annotations
+
+from unittest.mock import MagicMock, create_autospec
+
+import discord
+
+from bot.sender import WEBHOOK_NAME
+from neeko.settings import DiscordSettings
+
+
+def make_role(name: str, role_id: int):
+    role = create_autospec(discord.Role, instance=True, spec_set=True)
+    role.name, role.id = name, role_id
+    return role
+
+
+def make_member(*, user_id=1, name="Alice", manage_guild=False, roles=(), bot=False):
+    member = create_autospec(discord.Member, instance=True, spec_set=True)
+    member.id, member.display_name, member.bot = user_id, name, bot
+    member.guild_permissions = discord.Permissions(manage_guild=manage_guild)
+    member.roles = list(roles)
+    return member
+
+
+def make_webhook(name=WEBHOOK_NAME, owner_id=999):
+    hook = create_autospec(discord.Webhook, instance=True, spec_set=True)
+    hook.name, hook.token, hook.channel_id = name, "token", 100
+    hook.user = make_member(user_id=owner_id, name="Neeko", bot=True)
+    hook.send.side_effect = lambda *a, **k: create_autospec(
+        discord.WebhookMessage, instance=True, spec_set=True
+    )
+    return hook
+
+
+def make_channel(*, channel_id=100, manage_webhooks=True, existing=()):
+    channel = create_autospec(discord.TextChannel, instance=True, spec_set=True)
+    channel.id = channel_id
+    guild = create_autospec(discord.Guild, instance=True, spec_set=True)
+    guild.me = make_member(user_id=999, name="Neeko", bot=True)
+    channel.guild = guild
+    channel.permissions_for.return_value = discord.Permissions(manage_webhooks=manage_webhooks)
+    channel.webhooks.return_value = list(existing)
+    channel.create_webhook.return_value = make_webhook()
+    channel.send.side_effect = lambda *a, **k: create_autospec(
+        discord.Message, instance=True, spec_set=True
+    )
+    return channel
+
+
+def make_message(
+    content="Ahoy, captain!",
+    *,
+    author=None,
+    channel=None,
+    webhook_id=None,
+    dm=False,
+    kind=discord.MessageType.default,
+    message_id=555,
+):
+    channel = channel or make_channel()
+    message = create_autospec(discord.Message, instance=True, spec_set=True)
+    message.id, message.content, message.clean_content = message_id, content, content
+    message.author = author or make_member()
+    message.channel, message.guild = channel, None if dm else channel.guild
+    message.webhook_id, message.type = webhook_id, kind
+    return message
+
+
+def make_interaction(user=None, channel=None):
+    """An interaction and the ordered list of its responses ("defer", "followup")."""
+    events: list[str] = []
+    interaction = create_autospec(discord.Interaction, instance=True, spec_set=True)
+    interaction.user = user or make_member()
+    interaction.channel = channel or make_channel()
+    interaction.channel_id = interaction.channel.id
+    interaction.response = create_autospec(
+        discord.InteractionResponse, instance=True, spec_set=True
+    )
+    interaction.followup = create_autospec(discord.Webhook, instance=True, spec_set=True)
+    interaction.response.defer.side_effect = lambda **k: events.append("defer")
+    interaction.followup.send.side_effect = lambda *a, **k: events.append("followup")
+    return interaction, events
+
+
+def forbidden() -> discord.Forbidden:
+    return discord.Forbidden(MagicMock(status=403, reason="Forbidden"), "Missing Permissions")
+
+
+def answered_once(interaction, events) -> dict:
+    """Assert defer, then exactly one follow-up, both private; return the follow-up's kwargs."""
+    assert events == ["defer", "followup"]
+    assert interaction.response.defer.await_args.kwargs["ephemeral"] is True
+    kwargs = interaction.followup.send.await_args.kwargs
+    assert kwargs["ephemeral"] is True
+    return kwargs
+
+
+def followup_text(interaction) -> str:
+    return interaction.followup.send.await_args.args[0]
+
+
+class NoMentions:
+    """Equal to `AllowedMentions.none()` (AllowedMentions has no `__eq__`)."""
+
+    def __eq__(self, other):
+        none = discord.AllowedMentions.none().to_dict()
+        return isinstance(other, discord.AllowedMentions) and other.to_dict() == none
+
+    def __repr__(self):
+        return "NoMentions()"
+
+
+NO_MENTIONS = NoMentions()
+SETTINGS = DiscordSettings(token="x", moderator_role="Keeper", guild_id=None)
