@@ -81,7 +81,7 @@ class ReplyEvent(_Model):
     text: str = ""
     """New reply text (`chunk`)."""
     attempt: str = ""
-    """Which delivery produced a chunk; a new value means the reply restarted."""
+    """Which delivery produced a chunk (`Delivery.tag`); a later one restarts the reply."""
     reply: Reply | None = None
     """The final reply (`done`)."""
     error: str = ""

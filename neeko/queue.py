@@ -78,6 +78,12 @@ class QueueConfig:
             raise ValueError("max_attempts, claim_idle_ms and reply_ttl_s must be >= 1")
 
 
+def _attempt_of(tag: str) -> int:
+    """The delivery number in a chunk's tag (`Delivery.tag`, `msg_id#N`)."""
+    _, _, number = tag.rpartition("#")
+    return int(number) if number.isdigit() else 0
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A turn handed to a worker."""
@@ -88,7 +94,10 @@ class Delivery:
 
     @property
     def tag(self) -> str:
-        """Names this delivery in chunk events (a new tag means the reply restarted)."""
+        """Names this delivery in chunk events: `msg_id#attempt`, attempts counting up per turn.
+
+        Chunks of a later attempt restart the reply; those of an earlier one are dropped.
+        """
         return f"{self.msg_id}#{self.attempt}"
 
 
@@ -131,11 +140,14 @@ class TurnQueue(abc.ABC):
             raise NoWorkerError("no worker is running; start one with `neeko worker`")
         await self._enqueue(turn)
         deadline = time.monotonic() + timeout
-        tag = None
+        current = 0  # the delivery whose text is shown
         async for event in self._reply_events(turn.id, deadline):
             if event.kind == "chunk":
-                yield Chunk(event.text, reset=tag is not None and event.attempt != tag)
-                tag = event.attempt
+                attempt = _attempt_of(event.attempt)
+                if attempt < current:  # a worker taken over while still running: stale text
+                    continue
+                yield Chunk(event.text, reset=0 < current < attempt)
+                current = attempt
             elif event.kind == "done" and event.reply is not None:
                 yield event.reply
                 return

@@ -6,6 +6,7 @@ a trainer killed mid-job, SIGTERM, and the in-process queue.
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -343,6 +344,42 @@ async def test_sigterm_finishes_turns_in_flight_then_exits_0(redis_server, store
     assert all(reply.completion_tokens == 100 for reply, _ in results)
     assert await queue.workers_alive() == 0
     await r.aclose()
+    await queue.close()
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+async def test_chunks_of_a_superseded_delivery_are_dropped(backend, request):
+    """A worker taken over while still running (slow, not dead) cannot garble the stream."""
+    if backend == "redis":
+        queue = open_queue(request.getfixturevalue("redis_server").url, FAST)
+    else:
+        queue = LocalQueue(FAST)
+    await queue.heartbeat("hand")
+    turn = _turn(0)
+
+    async def items():
+        return [item async for item in queue.submit(turn, 30)]
+
+    task = asyncio.create_task(items())
+    (first,) = await queue.fetch("hand", 1, 5000)
+    second = dataclasses.replace(first, attempt=first.attempt + 1)
+    for delivery, text in [(first, "a"), (second, "x"), (first, "b"), (second, "y"), (first, "c")]:
+        await queue.publish([(delivery, text)])
+    reply = Reply(
+        turn=turn.id,
+        text="xy",
+        finish_reason="eos",
+        prompt_tokens=1,
+        completion_tokens=2,
+        worker="hand",
+    )
+    assert await queue.complete(second, reply)
+    assert await asyncio.wait_for(task, 30) == [
+        Chunk("a"),
+        Chunk("x", reset=True),
+        Chunk("y"),
+        reply,
+    ]
     await queue.close()
 
 
