@@ -73,3 +73,26 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, _tiny_once: LoadedModel
     catalog.model = "tiny"
     catalog.save()
     return folder
+
+
+POSTGRES = os.environ.get("NEEKO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+"""A PostgreSQL server the tests may create databases on (skipped where none answers)."""
+
+
+@pytest.fixture
+async def postgres_url():
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    import uuid
+
+    asyncpg = pytest.importorskip("asyncpg")
+    try:
+        conn = await asyncpg.connect(POSTGRES, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {exc}")
+    name = f"neeko_test_{uuid.uuid4().hex[:12]}"
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await conn.close()

@@ -97,7 +97,16 @@ async def test_reply_streams_and_equals_the_engine(settings, recorded):
     assert answer.text == rt.engine.generate([req])[0].text.strip()
 
 
-async def test_history_survives_a_restart(settings, recorded):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, settings):
+    """`settings` on a SQLite file, and on PostgreSQL where a server answers."""
+    if request.param == "sqlite":
+        return settings
+    return settings.model_copy(update={"database_url": request.getfixturevalue("postgres_url")})
+
+
+async def test_history_survives_a_restart(any_database, recorded):
+    settings = any_database
     async with open_service(settings) as service:
         await service.become("c", ANN, "Cedar")
         first = await service.handle_message("c", ANN, "My name is Ann.", "1")
