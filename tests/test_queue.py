@@ -62,16 +62,22 @@ def _turn(i: int, character: str | None = None, tokens: int = 8, **kw) -> Turn:
     )
 
 
-def _reference(runtime, turns):
-    """Each turn run alone, directly on an engine."""
-    out = {}
+def _reference(runtime, turns, together=False):
+    """Each turn run directly on an engine: alone, or all in one batch.
+
+    The two are equal bit for bit (tests/test_engine.py pins it); one batch is much faster
+    for long replies.
+    """
     worker = Worker(LocalQueue(), runtime)
-    for t in turns:
-        req = GenerationRequest(
-            [m.model_dump() for m in t.messages], worker.gate(t), t.sampling.params()
-        )
-        out[t.id] = runtime.engine.generate([req])[0].text
-    return out
+    reqs = [
+        GenerationRequest([m.model_dump() for m in t.messages], worker.gate(t), t.sampling.params())
+        for t in turns
+    ]
+    if together:
+        results = runtime.engine.generate(reqs)
+    else:
+        results = [runtime.engine.generate([req])[0] for req in reqs]
+    return {t.id: r.text for t, r in zip(turns, results, strict=True)}
 
 
 async def _collect(queue, turn, timeout=120):
@@ -191,7 +197,7 @@ async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, s
         survivor.terminate()
         assert survivor.wait(60) == 0
     assert lost
-    expected = _reference(open_runtime(store, "tiny"), turns)
+    expected = _reference(open_runtime(store, "tiny"), turns, together=True)
     for t, (reply, streamed) in zip(turns, results, strict=True):
         assert reply.text == streamed == expected[t.id]
         if t.id in lost:
