@@ -22,6 +22,25 @@ def is_moderator(user: discord.abc.User, settings: DiscordSettings) -> bool:
     return bool(wanted) and any(wanted in (role.name, str(role.id)) for role in user.roles)
 
 
+def chats_in(channel: object, settings: DiscordSettings) -> bool:
+    """Whether characters speak in `channel`: any, unless `settings.channels` lists some.
+
+    A thread counts as its parent channel.
+    """
+    if not settings.channels:
+        return True
+    ids = {getattr(channel, "id", None)}
+    if isinstance(channel, discord.Thread):
+        ids.add(channel.parent_id)
+    return not ids.isdisjoint(settings.channels)
+
+
+def where_characters_speak(settings: DiscordSettings) -> str:
+    """The refusal for a channel outside `settings.channels`, naming the channels."""
+    names = ", ".join(f"<#{i}>" for i in sorted(settings.channels))
+    return f"Characters don't speak in this channel; try {names}."
+
+
 def author_of(user: discord.abc.User, settings: DiscordSettings) -> Author:
     """The chat service's view of a Discord user."""
     return Author(id=str(user.id), name=user.display_name, moderator=is_moderator(user, settings))

@@ -5,8 +5,10 @@ Every variable is listed, with a comment, in `.env.example`.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class _Section(BaseSettings):
@@ -53,3 +55,11 @@ class DiscordSettings(_Section):
     """Name or id of a role whose members may moderate characters (besides Manage Server)."""
     guild_id: int | None = None
     """Sync slash commands to this guild only (instant; for development)."""
+    channels: Annotated[frozenset[int], NoDecode] = frozenset()
+    """Ids of the channels characters speak in (a thread counts as its parent channel);
+    empty: every channel the bot can read. From the environment: ids split by commas."""
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        return value.replace(",", " ").split() if isinstance(value, str) else value

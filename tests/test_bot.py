@@ -27,9 +27,10 @@ from discord_mocks import (
     make_role,
     make_webhook,
 )
+from pydantic import ValidationError
 
 from bot.app import NeekoBot, run
-from bot.checks import author_of, is_moderator
+from bot.checks import author_of, chats_in, is_moderator
 from bot.cogs.characters import MAX_CARD_BYTES, CharactersCog, characters_embed
 from bot.cogs.chat import ChatCog
 from bot.sender import WebhookCache, split_message
@@ -241,6 +242,27 @@ def test_author_of_member():
     assert author_of(member, SETTINGS) == Author(id="42", name="Bea", moderator=True)
 
 
+def test_channels_setting_reads_ids_split_by_commas(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "x")
+    monkeypatch.setenv("DISCORD_CHANNELS", "12, 34 56")
+    assert DiscordSettings().channels == {12, 34, 56}
+    monkeypatch.setenv("DISCORD_CHANNELS", "12,general")
+    with pytest.raises(ValidationError, match="channels"):
+        DiscordSettings()
+    monkeypatch.delenv("DISCORD_CHANNELS")
+    assert DiscordSettings().channels == frozenset()
+
+
+def test_chats_in_listed_channels_and_their_threads():
+    only = SETTINGS.model_copy(update={"channels": frozenset({200})})
+    thread = create_autospec(discord.Thread, instance=True, spec_set=True)
+    thread.id, thread.parent_id = 300, 200
+    assert chats_in(make_channel(channel_id=100), SETTINGS)  # no list: everywhere
+    assert not chats_in(make_channel(channel_id=100), only)
+    assert chats_in(make_channel(channel_id=200), only)
+    assert chats_in(thread, only)
+
+
 # --- characters cog --------------------------------------------------------------------------
 
 
@@ -260,6 +282,17 @@ async def test_become_defers_then_follows_up_once(cog, service):
     assert greeting.args[0] == "Ahoy, matey!"
     assert greeting.kwargs["username"] == "Mara"
     assert greeting.kwargs["allowed_mentions"] == NO_MENTIONS
+
+
+async def test_become_and_reset_outside_the_listed_channels_change_nothing(service):
+    cog = CharactersCog(service, SETTINGS.model_copy(update={"channels": frozenset({200, 7})}))
+    for command, args in ((cog.become, ("Mara",)), (cog.reset, ())):
+        interaction, events = make_interaction()  # in channel 100
+        await command.callback(cog, interaction, *args)
+        answered_once(interaction, events)
+        assert followup_text(interaction).endswith("try <#7>, <#200>.")
+        interaction.channel.send.assert_not_awaited()
+    assert service.calls == []
 
 
 @pytest.mark.parametrize("name", ["Marra", "Mara Vel"])
@@ -399,6 +432,16 @@ async def test_on_message_ignores(chat, service, message):
     assert service.calls == []
     message.channel.send.assert_not_awaited()
     message.channel.create_webhook.assert_not_awaited()
+
+
+async def test_messages_outside_the_listed_channels_are_ignored(service):
+    chat = ChatCog(service, SETTINGS.model_copy(update={"channels": frozenset({200})}))
+    outside = make_message(channel=make_channel(channel_id=100))
+    await chat.on_message(outside)
+    assert service.calls == []
+    outside.reply.assert_not_awaited()
+    await chat.on_message(make_message(channel=make_channel(channel_id=200)))
+    assert [c["channel"] for c in service.called("handle_message")] == ["200"]
 
 
 async def test_reply_goes_through_cached_webhook_as_speaker(chat, service):

@@ -20,7 +20,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import author_of
+from bot.checks import author_of, chats_in, where_characters_speak
 from bot.sender import (
     MESSAGE_LIMIT,
     NO_MENTIONS,
@@ -70,6 +70,9 @@ class CharactersCog(commands.Cog):
     async def become(self, interaction: discord.Interaction, character: str) -> None:
         """Make a character (or a persona fused from free text) the channel's speaker."""
         await interaction.response.defer(ephemeral=True)
+        if not chats_in(interaction.channel, self.settings):
+            await _reply(interaction, where_characters_speak(self.settings))
+            return
         channel = _channel_key(interaction)
         answer = await self.service.become(channel, self._author(interaction), character)
         text = with_notices(answer.text, answer.notices)  # e.g. the character's greeting
@@ -108,6 +111,9 @@ class CharactersCog(commands.Cog):
     async def reset(self, interaction: discord.Interaction) -> None:
         """Forget the channel's history."""
         await interaction.response.defer(ephemeral=True)
+        if not chats_in(interaction.channel, self.settings):
+            await _reply(interaction, where_characters_speak(self.settings))
+            return
         answer = await self.service.reset(_channel_key(interaction), self._author(interaction))
         await _reply(interaction, answer.text)
         if answer.ok:

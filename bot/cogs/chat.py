@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
-from bot.checks import author_of
+from bot.checks import author_of, chats_in
 from bot.sender import (
     MESSAGE_LIMIT,
     NO_MENTIONS,
@@ -68,7 +68,7 @@ class ChatCog(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         """Answer a chat turn; errors go back to its author as a reply."""
-        if not wants_answer(message):
+        if not wants_answer(message) or not chats_in(message.channel, self.settings):
             return
         try:
             await self._answer(message)
