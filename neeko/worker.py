@@ -13,6 +13,7 @@ live job is never reclaimed, and publishes the block when it is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -50,7 +51,8 @@ class WorkerConfig:
     together. Off by default: later turns join the running batch at the next decode step
     anyway (continuous batching), and the wait would add to every first-token latency."""
     heartbeat_s: float = 3.0
-    """Seconds between heartbeats (and claim refreshes of turns in flight)."""
+    """Seconds between heartbeats and claim refreshes of the turns in flight (at most a
+    third of the queue's `claim_idle_ms`, so live turns are never reclaimed)."""
     events_s: float = 0.5
     """Seconds between checks for catalog events."""
     log_s: float = 30.0
@@ -104,6 +106,7 @@ class Worker:
         cfg = self.config
         await self.queue.heartbeat(self.name)
         await self._check_events(force=True)
+        keepalive = asyncio.create_task(self._keepalive())
         try:
             while not (self._stopping.is_set() and not self.flights and not self._held):
                 await self._periodic()
@@ -121,6 +124,9 @@ class Worker:
                 if self.flights:
                     await self._step()
         finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
             await self._flush_counts()
             await self.queue.leave(self.name)
 
@@ -132,12 +138,25 @@ class Worker:
     def _admitting(self) -> bool:
         return not self._stopping.is_set() and self._room() > 0 and not self._events
 
+    async def _keepalive(self) -> None:
+        """Heartbeat and refresh the claims of the turns in flight, also during long steps.
+
+        A task of its own: a decode step runs in a thread, so this keeps going while the
+        model works, however long a prefill takes.
+        """
+        interval = min(self.config.heartbeat_s, self.queue.config.claim_idle_ms / 3000)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.queue.heartbeat(self.name)
+                await self.queue.touch(self.name, [f.delivery for f in self.flights.values()])
+            except Exception as exc:  # the queue retries outages itself; keep beating
+                log.warning("%s: heartbeat failed (%s)", self.name, exc)
+
     async def _periodic(self) -> None:
         now = time.monotonic()
         if now - self._timers["heartbeat"] >= self.config.heartbeat_s:
             self._timers["heartbeat"] = now
-            await self.queue.heartbeat(self.name)
-            await self.queue.touch(self.name, [f.delivery for f in self.flights.values()])
             await self._flush_counts()
         if now - self._timers["events"] >= self.config.events_s:
             await self._check_events()
@@ -153,7 +172,10 @@ class Worker:
     async def _admit(self, deliveries: list[Delivery]) -> None:
         """Prefill new turns into the batch; a turn that cannot run is retried or dead."""
         ready: list[tuple[_Flight, GenerationRequest]] = []
+        running = {f.delivery.msg_id for f in self.flights.values()}
         for d in deliveries:
+            if d.msg_id in running:  # reclaimed from ourselves: it is decoding already
+                continue
             try:
                 gate = self.gate(d.turn)
             except (GateError, KeyError) as exc:

@@ -168,6 +168,33 @@ async def test_200_turns_2_workers_exactly_once_and_equal_to_direct(redis_server
     await queue.close()
 
 
+async def test_a_live_worker_keeps_its_turns_claimed(redis_server, store):
+    """Claims are refreshed every claim_idle_ms / 3, however long the generation runs."""
+    import redis.asyncio as aioredis
+
+    queue = open_queue(redis_server.url, QueueConfig(claim_idle_ms=600))
+    worker = Worker(queue, open_runtime(store, "tiny"), name="w")  # heartbeat_s is 3 s
+    task = asyncio.create_task(worker.run())
+    while not await queue.workers_alive():
+        await asyncio.sleep(0.01)
+    pending = asyncio.create_task(_collect(queue, _turn(0, tokens=400, ignore_eos=True)))
+    r = aioredis.from_url(redis_server.url)
+    idle: list[int] = []
+    while not pending.done():
+        entries = await r.xpending_range(keys.TURNS, keys.WORKERS, "-", "+", 10)
+        idle += [e["time_since_delivered"] for e in entries]
+        await asyncio.sleep(0.05)
+    reply, streamed = await pending
+    worker.stop()
+    await task
+    assert len(idle) > 10
+    assert max(idle) < 600  # never reclaimable while alive
+    assert int(await r.get(keys.attempts(reply.turn))) == 1
+    assert streamed == reply.text
+    await r.aclose()
+    await queue.close()
+
+
 async def test_worker_killed_mid_batch_loses_and_repeats_nothing(redis_server, store, spawn):
     args = ["--store", str(store), "--claim-idle-ms", "1500", "--max-batch", "8"]
     doomed, survivor = spawn(args, "doomed"), spawn(args, "survivor")
