@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+from pathlib import Path
 from unittest.mock import AsyncMock, create_autospec
 
 import discord
@@ -39,6 +40,7 @@ from neeko.settings import ChatSettings, DiscordSettings
 
 MARA = Speaker("Captain Mara Vell", "https://example.com/mara.png")
 NAMES = [f"Character {i:02d}" for i in range(40)]
+ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
 
 class FakeClock:
@@ -251,6 +253,15 @@ def test_channels_setting_reads_ids_split_by_commas(monkeypatch):
         DiscordSettings()
     monkeypatch.delenv("DISCORD_CHANNELS")
     assert DiscordSettings().channels == frozenset()
+
+
+@pytest.mark.parametrize("section", [ChatSettings, DiscordSettings])
+def test_every_setting_is_documented_in_env_example(section):
+    documented = set(re.findall(r"^([A-Z_]+)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    prefix = section.model_config["env_prefix"]
+    for name, field in section.model_fields.items():
+        variable = field.validation_alias or f"{prefix}{name}".upper()
+        assert variable in documented, f"{variable} is missing from .env.example"
 
 
 def test_chats_in_listed_channels_and_their_threads():
