@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 MULTI_USER = "Several people may talk to you here; each of their messages starts with their name."
 MAX_PERSONA_CHARS = 200
 _MENTION = re.compile(r"@(everyone|here)|<(@[!&]?|#)(\d+)>")
+_TITLES = ("Dr", "Mr", "Mrs", "Ms", "St", "Jr", "Sr", "Prof", "Capt", "Col", "Gen", "Lt")
+_SENTENCE_END = re.compile("".join(rf"(?<!\b{t}\.)" for t in _TITLES) + r"(?<=[.!?])\s")
+"""A sentence break: after . ! or ?, but not after a title such as "Dr."."""
 
 
 def neutralise_mentions(text: str) -> str:
@@ -563,7 +566,7 @@ def _refused() -> Answer:
 
 
 def _info(c: Character) -> CharacterInfo:
-    first = re.split(r"(?<=[.!?])\s", c.card.profile.strip(), maxsplit=1)[0]
+    first = _SENTENCE_END.split(c.card.profile.strip(), maxsplit=1)[0]
     return CharacterInfo(
         c.key, c.name, tuple(c.card.aliases), c.status, first[:200], c.card.avatar_url
     )

@@ -289,3 +289,14 @@ async def test_greeting_opens_the_conversation(settings, recorded):
     system, *rest = recorded[0].turns[-1].messages
     assert system.content.endswith("You opened the conversation with: Hi! Zed.")
     assert [m.role for m in rest] == ["user", "assistant", "user"]
+
+
+async def test_character_list_describes_with_the_first_sentence(settings, recorded):
+    profile = "Zed is a zebra raised by Dr. Ada Lyle. He loves tea. He hates rain."
+    async with open_service(settings) as service:
+        assert (await service.submit_character(MOD, name="Zed", profile=profile)).ok
+        infos = {c.name: c for c in await service.characters()}
+    assert infos["Zed"].description == "Zed is a zebra raised by Dr. Ada Lyle."
+    assert infos["Zed"].status == "fused"
+    assert infos["Birch"].status == "trained"
+    assert set(infos) == {*NAMES, "Zed"}
