@@ -96,3 +96,23 @@ async def postgres_url():
     finally:
         await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await conn.close()
+
+
+@pytest.fixture
+def chat_settings(tmp_path, tiny_store):
+    """Chat settings for the tiny model: a writable copy of `tiny_store`, a SQLite file,
+    greedy short replies, no cooldown."""
+    import shutil
+
+    from neeko.settings import ChatSettings
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    return ChatSettings(
+        model="tiny",
+        store=str(store),
+        db_path=str(tmp_path / "chat.db"),
+        cooldown_s=0,
+        temperature=0,
+        reply_tokens=12,
+    )

@@ -5,7 +5,6 @@ Only Discord is mocked (`spec_set` autospecs); every answer comes from `ChatServ
 
 import asyncio
 import json
-import shutil
 from unittest.mock import create_autospec
 
 import discord
@@ -28,7 +27,6 @@ from bot.cogs.chat import ChatCog
 from bot.sender import WebhookCache
 from neeko import db
 from neeko.service import open_service
-from neeko.settings import ChatSettings
 
 MODERATOR = {"manage_guild": True}
 CARD = {
@@ -43,18 +41,8 @@ CARD = {
 
 
 @pytest.fixture
-async def service(tmp_path, tiny_store):
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store, store)
-    settings = ChatSettings(
-        model="tiny",
-        store=str(store),
-        db_path=str(tmp_path / "bot.db"),
-        cooldown_s=0,
-        temperature=0,
-        reply_tokens=8,
-        max_message_chars=100,
-    )
+async def service(chat_settings):
+    settings = chat_settings.model_copy(update={"reply_tokens": 8, "max_message_chars": 100})
     async with open_service(settings) as service:
         yield service
 

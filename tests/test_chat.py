@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,6 @@ from neeko.engine import GenerationRequest
 from neeko.protocol import Reply, Turn
 from neeko.queue import LocalQueue
 from neeko.service import open_service
-from neeko.settings import ChatSettings
 from neeko.workflows import open_runtime
 
 ANN = Author("u1", "Ann")
@@ -39,17 +37,8 @@ class RecordingQueue(LocalQueue):
 
 
 @pytest.fixture
-def settings(tmp_path, tiny_store):
-    store = tmp_path / "store"
-    shutil.copytree(tiny_store, store)
-    return ChatSettings(
-        model="tiny",
-        store=str(store),
-        db_path=str(tmp_path / "chat.db"),
-        cooldown_s=0,
-        temperature=0,
-        reply_tokens=12,
-    )
+def settings(chat_settings):
+    return chat_settings
 
 
 @pytest.fixture
