@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from bot.cogs.characters import CharactersCog
 from bot.cogs.chat import ChatCog
-from bot.sender import WebhookCache
+from bot.sender import MESSAGE_LIMIT, NO_MENTIONS, WebhookCache
 from neeko.settings import ChatSettings, DiscordSettings
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class NeekoBot(commands.Bot):
         )
         self.service = service
         self.settings = settings
+        service.announce = self.announce
 
     async def setup_hook(self) -> None:
         """Add the cogs and sync the slash commands (to `guild_id` only, if set)."""
@@ -51,6 +52,13 @@ class NeekoBot(commands.Bot):
         else:
             synced = await self.tree.sync()
         log.info("synced %d slash commands", len(synced))
+
+    async def announce(self, channel_id: str, line: str) -> None:
+        """Post `line` as the bot in a channel, by id (best effort; none if it is unknown)."""
+        channel = self.get_channel(int(channel_id))
+        if isinstance(channel, discord.abc.Messageable):
+            with contextlib.suppress(discord.HTTPException):
+                await channel.send(line[:MESSAGE_LIMIT], allowed_mentions=NO_MENTIONS)
 
     async def on_ready(self) -> None:
         """Log who the bot is logged in as."""

@@ -79,6 +79,9 @@ class ChatService:
         self._cut_notified: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Task] = set()
         self._last_event = "0"
+        self.announce: Callable[[str, str], Awaitable[None]] | None = None
+        """Posts a line in a channel (by id): a front end sets it to hear from training jobs
+        that outlived the request that started them (a restart)."""
 
     # -- messages ----------------------------------------------------------------------
 
@@ -513,6 +516,49 @@ class ChatService:
                 row.key, card, status, dict(row.fused_from)
             )
         await self._sync_catalog()
+        await self._resume_jobs()
+
+    async def _resume_jobs(self) -> None:
+        """Take up the training jobs an earlier run left unfinished.
+
+        A job the queue still has (Redis) is followed again, its lines going to `announce`;
+        one it lost (the in-process queue) is failed, so the character can be trained again.
+        """
+        async with self.sessions() as s:
+            jobs = list(
+                await s.scalars(
+                    select(db.TrainingJob).where(db.TrainingJob.state.in_(("queued", "running")))
+                )
+            )
+        for job in jobs:
+            char = self.catalog.characters.get(job.character_key)
+            if char is None:
+                continue
+            found = await self.queue.job_status(job.id)
+            if found is not None:
+                self._spawn(self._follow(job.id, char, self._announcer(job.channel_id)))
+                continue
+            done = char.status == "trained"  # its block reached the store before the restart
+            status = JobStatus(
+                id=job.id,
+                state="done" if done else "failed",
+                progress=1.0 if done else job.progress,
+                loss=job.loss,
+                error="" if done else "interrupted by a restart; train it again",
+            )
+            await self._record_job(status)
+            char.status = "trained" if done else "fused"
+            await self._set_status(char.key, char.status)
+
+    def _announcer(self, channel: str | None) -> Callable[[str], Awaitable[None]] | None:
+        if channel is None:
+            return None
+
+        async def post(line: str) -> None:
+            if self.announce is not None:
+                await self.announce(channel, line)
+
+        return post
 
     async def _sync_catalog(self, wait_for: str | None = None) -> None:
         """Apply catalog events: characters whose blocks were trained become `trained`."""

@@ -61,6 +61,7 @@ class FakeChatService:
         """(seconds later, text so far) pairs that `handle_message` streams through on_text."""
         self.answer: Answer | None = None
         self.on_progress = None
+        self.announce = None
 
     def _record(self, method: str, /, **kwargs) -> None:
         self.calls.append((method, kwargs))
@@ -572,6 +573,20 @@ async def test_bot_setup_adds_cogs_and_syncs_to_guild(monkeypatch):
     assert character["autocomplete"] is True
     submit = next(o for o in payloads["character"]["options"] if o["name"] == "submit")
     assert [o["required"] for o in submit["options"]] == [False] * 4
+    await bot.close()
+
+
+async def test_bot_posts_training_news_of_earlier_runs_by_channel_id(monkeypatch):
+    service = FakeChatService()
+    bot = NeekoBot(service, SETTINGS)
+    channel = make_channel(channel_id=100)
+    monkeypatch.setattr(bot, "get_channel", {100: channel}.get)
+    await service.announce("100", "Nova has a block of its own now. @everyone")
+    channel.send.assert_awaited_once_with(
+        "Nova has a block of its own now. @everyone", allowed_mentions=NO_MENTIONS
+    )
+    await service.announce("404", "nowhere")  # an unknown channel: nothing, no error
+    assert channel.send.await_count == 1
     await bot.close()
 
 

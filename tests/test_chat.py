@@ -17,11 +17,26 @@ from neeko.engine import GenerationRequest
 from neeko.protocol import Reply, Turn
 from neeko.queue import LocalQueue
 from neeko.service import open_service
+from neeko.worker import Trainer
 from neeko.workflows import open_runtime
 
 ANN = Author("u1", "Ann")
 BOB = Author("u2", "Bob")
 MOD = Author("m1", "Mo", moderator=True)
+
+
+NOVA_DIALOGUES = "\n".join(
+    json.dumps(
+        {
+            "character": "Nova",
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "character", "content": f"WHOOSH! Answer {i}!"},
+            ],
+        }
+    )
+    for i in range(4)
+).encode()
 
 
 class RecordingQueue(LocalQueue):
@@ -217,18 +232,7 @@ async def test_submit_then_train_a_character(settings, recorded):
     async def on_progress(line):
         progress.append(line)
 
-    dialogues = "\n".join(
-        json.dumps(
-            {
-                "character": "Nova",
-                "messages": [
-                    {"role": "user", "content": f"Question {i}?"},
-                    {"role": "character", "content": f"WHOOSH! Answer {i}!"},
-                ],
-            }
-        )
-        for i in range(4)
-    ).encode()
+    dialogues = NOVA_DIALOGUES
     async with open_service(settings) as service:
         added = await service.submit_character(MOD, name="Nova", profile="A loud comet.")
         assert added.ok
@@ -289,3 +293,59 @@ async def test_character_list_describes_with_the_first_sentence(settings, record
     assert infos["Zed"].status == "fused"
     assert infos["Birch"].status == "trained"
     assert set(infos) == {*NAMES, "Zed"}
+
+
+@pytest.fixture
+async def database(settings):
+    """The sessions of an upgraded SQLite file, for services built by hand."""
+    url = db.database_url(None, settings.db_path)
+    await db.upgrade(url)
+    engine = db.make_engine(url)
+    yield db.sessionmaker(engine)
+    await engine.dispose()
+
+
+def _service(settings, sessions, queue):
+    return ChatService(settings, sessions, queue, Catalog.open(settings.store), len)
+
+
+async def test_training_outlives_a_restart_of_the_front_end(settings, database):
+    queue = LocalQueue()  # stands for Redis: it outlives the front end
+    first = _service(settings, database, queue)
+    assert (await first.submit_character(MOD, name="Nova", profile="A loud comet.")).ok
+    assert (await first.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok  # no trainer yet
+    await first.aclose()
+    second = _service(settings, database, queue)
+    lines = []
+
+    async def announce(channel, line):
+        lines.append((channel, line))
+
+    second.announce = announce
+    await second.load_submitted()
+    assert second.catalog.find("Nova").status == "training"
+    trainer = Trainer(queue, open_runtime(settings.store, "tiny"), name="t")
+    task = asyncio.create_task(trainer.run())
+    async with asyncio.timeout(120):
+        while not any("block of its own" in line for _, line in lines):
+            await asyncio.sleep(0.1)
+    trainer.stop()
+    await task
+    assert (await second.character_status("Nova")).text.startswith("**Nova**: trained")
+    assert {channel for channel, _ in lines} == {"c"}
+    await second.aclose()
+
+
+async def test_a_training_job_lost_in_a_restart_can_be_run_again(settings, database):
+    first = _service(settings, database, LocalQueue())
+    assert (await first.submit_character(MOD, name="Nova", profile="A loud comet.")).ok
+    assert (await first.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
+    await first.aclose()
+    second = _service(settings, database, LocalQueue())  # the in-process queue died with it
+    await second.load_submitted()
+    status = (await second.character_status("Nova")).text
+    assert status.startswith("**Nova**: fused")
+    assert "failed" in status
+    assert "interrupted by a restart" in status
+    assert (await second.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
+    await second.aclose()
