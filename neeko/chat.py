@@ -77,7 +77,8 @@ class ChatService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_message: dict[str, float] = {}
         self._cut_notified: set[tuple[str, int]] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._followers: dict[str, asyncio.Task] = {}
+        """Job id -> the task that mirrors the job's status and posts its progress."""
         self._last_event = "0"
         self.announce: Callable[[str, str], Awaitable[None]] | None = None
         """Posts a line in a channel (by id): a front end sets it to hear from training jobs
@@ -392,7 +393,7 @@ class ChatService:
                 )
             )
             await s.commit()
-        self._spawn(self._follow(job.id, char, on_progress))
+        self._start_following(job.id, char, on_progress)
         return Answer(
             True,
             f"Training {char.name} on {len(data)} dialogues (job {status.id}); "
@@ -536,7 +537,7 @@ class ChatService:
                 continue
             found = await self.queue.job_status(job.id)
             if found is not None:
-                self._spawn(self._follow(job.id, char, self._announcer(job.channel_id)))
+                self._start_following(job.id, char, self._announcer(job.channel_id))
                 continue
             done = char.status == "trained"  # its block reached the store before the restart
             status = JobStatus(
@@ -583,16 +584,26 @@ class ChatService:
                 return
             await asyncio.sleep(0.2)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _start_following(
+        self, job_id: str, char: Character, on_progress: Callable[[str], Awaitable[None]] | None
+    ) -> None:
+        task = asyncio.ensure_future(self._follow(job_id, char, on_progress))
+        self._followers[job_id] = task
+        task.add_done_callback(lambda _: self._followers.pop(job_id, None))
 
-    async def aclose(self) -> None:
-        """Cancel background tasks (job followers)."""
-        for task in list(self._tasks):
+    async def aclose(self, grace_s: float = 10.0) -> None:
+        """Stop following jobs; those that have just ended get `grace_s` to report it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):  # also if the queue cannot be reached
+                ended = []
+                for job_id, task in list(self._followers.items()):
+                    status = await self.queue.job_status(job_id)
+                    if status is not None and status.state in ("done", "failed"):
+                        ended.append(task)
+                if ended:
+                    await asyncio.wait(ended)
+        for task in list(self._followers.values()):
             task.cancel()
-        for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

@@ -42,6 +42,7 @@ async def open_service(settings: ChatSettings | None = None) -> AsyncIterator[Ch
         store = await asyncio.to_thread(writable_store, cfg.store or default, cfg.model)
     catalog = await asyncio.to_thread(Catalog.open, store)
     embedded = _Embedded(queue, cfg, store) if not cfg.redis_url else None
+    service: ChatService | None = None
     try:
         if embedded is not None:
             tokenizer = await embedded.start()
@@ -57,10 +58,11 @@ async def open_service(settings: ChatSettings | None = None) -> AsyncIterator[Ch
         )
         await service.load_submitted()
         yield service
-        await service.aclose()
     finally:
         if embedded is not None:
-            await embedded.stop()
+            await embedded.stop()  # answers the turns and finishes the training job in flight
+        if service is not None:
+            await service.aclose()  # after the job, so its follower can report the end
         await queue.close()
         await engine.dispose()
 

@@ -11,6 +11,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TextIO
 
 from neeko.chat import ChatService
@@ -21,8 +22,17 @@ HELP = """commands:
   /become NAME        switch character (a name, an alias, or a description to fuse)
   /characters         list the characters
   /reset              start a new conversation with the same character
+  /submit FILE        add a character from a card (.json or .png); playable at once
+  /submit NAME: TEXT  add a character from a name and a profile
+  /train NAME [FILE]  give a character a block of its own (dialogues: chat JSONL, or
+                      else the card's example dialogues); progress is shown here
+  /status NAME        a character's status and training
   /help               this list
-  /quit               leave (also Ctrl-D)"""
+  /quit               leave (also Ctrl-D); waits for a training job to finish"""
+
+
+MAX_FILE_BYTES = 1024 * 1024
+"""Largest card file accepted."""
 
 
 class Terminal:
@@ -66,11 +76,48 @@ class Terminal:
                 self.write(f"  {c.name}{aliases} [{c.status}]: {c.description}")
         elif name == "reset":
             self.show(await self.service.reset(self.channel, self.author))
+        elif name == "submit":
+            self.show(await self.submit(arg.strip()))
+        elif name == "train":
+            self.show(await self.train(arg.strip()))
+        elif name == "status":
+            self.show(await self.service.character_status(arg.strip()))
         elif name == "help":
             self.write(HELP)
         else:
             self.write(f"unknown command /{name}\n{HELP}")
         return True
+
+    async def submit(self, arg: str) -> Answer:
+        """`/submit FILE` (a card) or `/submit NAME: PROFILE`."""
+        path = Path(arg).expanduser()
+        if arg and path.is_file():
+            if path.stat().st_size > MAX_FILE_BYTES:
+                return Answer(False, f"{path} is too large: at most 1 MB.")
+            data = await asyncio.to_thread(path.read_bytes)
+            return await self.service.submit_character(self.author, card=data, filename=path.name)
+        name, colon, profile = arg.partition(":")
+        if not colon:
+            return Answer(False, f"No card file {arg!r}; or give a name and a profile: NAME: TEXT")
+        return await self.service.submit_character(
+            self.author, name=name.strip(), profile=profile.strip()
+        )
+
+    async def train(self, arg: str) -> Answer:
+        """`/train NAME [FILE]`: queue an expansion job, its progress printed as it comes."""
+        name, data = arg, None
+        head, _, last = arg.rpartition(" ")
+        if head and Path(last).expanduser().is_file():
+            name, data = head, await asyncio.to_thread(Path(last).expanduser().read_bytes)
+        elif head and last.endswith((".jsonl", ".json")):
+            return Answer(False, f"No such file: {last}")
+
+        async def progress(line: str) -> None:
+            self.write(f"[{line}]")
+
+        return await self.service.train_character(
+            self.author, name.strip(), self.channel, data, progress
+        )
 
     async def message(self, text: str) -> None:
         """Send a message; stream the reply."""

@@ -1,6 +1,7 @@
 """ChatService on a real SQLite file, the in-process queue and worker, and the tiny model."""
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from neeko.engine import GenerationRequest
 from neeko.protocol import Reply, Turn
 from neeko.queue import LocalQueue
 from neeko.service import open_service
+from neeko.terminal import Terminal
 from neeko.worker import Trainer
 from neeko.workflows import open_runtime
 
@@ -349,3 +351,40 @@ async def test_a_training_job_lost_in_a_restart_can_be_run_again(settings, datab
     assert "interrupted by a restart" in status
     assert (await second.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
     await second.aclose()
+
+
+async def test_terminal_moderator_commands(settings, tmp_path):
+    card = tmp_path / "nell.json"
+    card.write_text(json.dumps({"name": "Nell Harrow", "description": "A lighthouse keeper."}))
+    data = tmp_path / "nova.jsonl"
+    data.write_bytes(NOVA_DIALOGUES)
+    script = iter(
+        [
+            f"/submit {card}",
+            "/submit Nova: A loud comet.",
+            "/submit Nobody",
+            "/become Nell Harrow",
+            "Hello?",
+            f"/train Nova {data}",
+            "/train Nova missing.jsonl",
+            "/status Nova",
+        ]
+    )  # then end of input: the chat waits for the training job, then exits
+
+    async def read_line():
+        return next(script, None)
+
+    out = io.StringIO()
+    async with open_service(settings) as service:
+        await Terminal(service, "t", "Ann", out).run(read_line)
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("[**Nell Harrow** is playable now") for line in lines)
+    assert any(line.startswith("[**Nova** is playable now") for line in lines)
+    assert any(line.startswith("[No card file 'Nobody'") for line in lines)
+    assert any(line.startswith("Nell Harrow: ") for line in lines)
+    assert any(line.startswith("[Training Nova on 4 dialogues") for line in lines)
+    assert "[No such file: missing.jsonl]" in lines
+    assert any(line.startswith("[**Nova**: training") for line in lines)
+    assert lines[-1] == "[Nova has a block of its own now.]"
+    async with open_service(settings) as service:
+        assert service.catalog.find("Nova").status == "trained"
