@@ -48,6 +48,11 @@ class Answer:
     """After /become: the new speaker's opening line, to post in the channel as the speaker."""
 
 
+def refusal(text: str, suggestions: list[str] | None = None) -> Answer:
+    """A private refusal: nothing changed, `text` says why."""
+    return Answer(False, text, suggestions=suggestions or [], private=True, kind="error")
+
+
 @dataclass(frozen=True)
 class CharacterInfo:
     """One entry of the character list."""

@@ -56,7 +56,7 @@ async def open_service(settings: ChatSettings | None = None) -> AsyncIterator[Ch
             lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
             embedded.start_trainer if embedded is not None else None,
         )
-        await service.load_submitted()
+        await service.moderation.load_submitted()
         yield service
     finally:
         if embedded is not None:

@@ -324,7 +324,7 @@ async def test_training_outlives_a_restart_of_the_front_end(settings, database):
         lines.append((channel, line))
 
     second.announce = announce
-    await second.load_submitted()
+    await second.moderation.load_submitted()
     assert second.catalog.find("Nova").status == "training"
     trainer = Trainer(queue, open_runtime(settings.store, "tiny"), name="t")
     task = asyncio.create_task(trainer.run())
@@ -344,7 +344,7 @@ async def test_a_training_job_lost_in_a_restart_can_be_run_again(settings, datab
     assert (await first.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
     await first.aclose()
     second = _service(settings, database, LocalQueue())  # the in-process queue died with it
-    await second.load_submitted()
+    await second.moderation.load_submitted()
     status = (await second.character_status("Nova")).text
     assert status.startswith("**Nova**: fused")
     assert "failed" in status
