@@ -178,7 +178,7 @@ class ChatService:
             if isinstance(item, Chunk):
                 text = item.text if item.reset else text + item.text
                 if on_text is not None:
-                    await on_text(neutralise_mentions(text))
+                    await on_text(neutralise_mentions(text.lstrip()))  # as the final text
             else:
                 return item
         raise QueueError("the reply stream ended early")  # pragma: no cover

@@ -145,7 +145,9 @@ class Terminal:
     def _stream_final(self, text: str) -> None:
         if text.startswith(self._shown):
             self.write(text[len(self._shown) :])
-        else:
+        elif text.startswith(self._shown.rstrip()):  # shown, but for whitespace it strips
+            self.write("", end="" if self._shown.endswith("\n") else "\n")
+        else:  # the reply restarted after the last chunk shown
             self.write(f"\n{text}")
 
     def show(self, answer: Answer) -> None:

@@ -388,3 +388,30 @@ async def test_terminal_moderator_commands(settings, tmp_path):
     assert lines[-1] == "[Nova has a block of its own now.]"
     async with open_service(settings) as service:
         assert service.catalog.find("Nova").status == "trained"
+
+
+async def test_terminal_shows_a_streamed_reply_once(settings, database):
+    """Chunks with leading and trailing whitespace, a final text stripped: printed once."""
+    queue = LocalQueue()
+    service = _service(settings, database, queue)
+    await queue.heartbeat("hand")
+
+    async def hand_worker():
+        (delivery,) = await queue.fetch("hand", 1, 5000)
+        for chunk in ("  Hi", " there", "!\n"):
+            await queue.publish([(delivery, chunk)])
+        reply = Reply(
+            turn=delivery.turn.id,
+            text="  Hi there!\n",
+            finish_reason="eos",
+            prompt_tokens=1,
+            completion_tokens=3,
+            worker="hand",
+        )
+        await queue.complete(delivery, reply)
+
+    task = asyncio.create_task(hand_worker())
+    out = io.StringIO()
+    await Terminal(service, "c", "Ann", out).message("hello")
+    await task
+    assert out.getvalue().splitlines() == [f"{NAMES[0]}: Hi there!"]
