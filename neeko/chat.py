@@ -71,6 +71,8 @@ class ChatService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_message: dict[str, float] = {}
         self._cut_notified: set[tuple[str, int]] = set()
+        self._pending: dict[str, int] = {}
+        """Channel -> messages being answered or waiting their turn."""
         self.moderation = Moderation(sessions, queue, catalog, start_trainer)
 
     # -- messages ----------------------------------------------------------------------
@@ -95,9 +97,21 @@ class ChatService:
         if last is not None and now - last < self.settings.cooldown_s:
             wait = self.settings.cooldown_s - (now - last)
             return Answer(False, f"Slow down: wait {wait:.1f} s.", private=True, kind="busy")
+        pending = self._pending.get(channel, 0)
+        if pending >= self.settings.max_pending:
+            return Answer(
+                False,
+                f"{pending} messages here are waiting for an answer; try again in a moment.",
+                private=True,
+                kind="busy",
+            )
         self._last_message[author.id] = now
-        async with self._lock(channel):
-            return await self._answer(channel, author, content, message_id, on_text)
+        self._pending[channel] = pending + 1
+        try:
+            async with self._lock(channel):
+                return await self._answer(channel, author, content, message_id, on_text)
+        finally:
+            self._pending[channel] -= 1
 
     async def _answer(
         self,

@@ -39,6 +39,8 @@ class ChatSettings(_Section):
     max_message_chars: int = Field(2000, ge=1)
     cooldown_s: float = Field(2.0, ge=0)
     """Least seconds between two messages of one user."""
+    max_pending: int = Field(8, ge=1)
+    """Most messages of one channel being answered or waiting; more are turned away."""
     turn_timeout_s: float = Field(300.0, gt=0)
 
 

@@ -415,3 +415,40 @@ async def test_terminal_shows_a_streamed_reply_once(settings, database):
     await Terminal(service, "c", "Ann", out).message("hello")
     await task
     assert out.getvalue().splitlines() == [f"{NAMES[0]}: Hi there!"]
+
+
+async def test_a_channel_with_too_many_waiting_messages_turns_more_away(settings, database):
+    queue = LocalQueue()
+    service = _service(settings.model_copy(update={"max_pending": 2}), database, queue)
+    await queue.heartbeat("hand")
+    answering = asyncio.Event()
+
+    async def hand_worker():
+        await answering.wait()
+        while True:
+            for d in await queue.fetch("hand", 8, 100):
+                reply = Reply(
+                    turn=d.turn.id,
+                    text="ok",
+                    finish_reason="eos",
+                    prompt_tokens=1,
+                    completion_tokens=1,
+                    worker="hand",
+                )
+                await queue.complete(d, reply)
+
+    worker = asyncio.create_task(hand_worker())
+    first = asyncio.create_task(service.handle_message("c", ANN, "one", "1"))
+    second = asyncio.create_task(service.handle_message("c", BOB, "two", "2"))
+    await asyncio.sleep(0.1)  # "one" waits for its answer, "two" for its turn
+    busy = await service.handle_message("c", MOD, "three", "3")
+    assert (busy.ok, busy.kind) == (False, "busy")
+    assert "2 messages here are waiting" in busy.text
+    answering.set()
+    assert (await first).ok
+    assert (await second).ok
+    assert (await service.handle_message("c", MOD, "three again", "4")).ok
+    worker.cancel()
+    async with service.sessions() as s:
+        rows = await s.scalars(select(db.MessageRow.content).where(db.MessageRow.role == "user"))
+        assert list(rows) == ["one", "two", "three again"]
