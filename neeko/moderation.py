@@ -24,7 +24,7 @@ from neeko.chat_types import Answer, Author, refusal
 from neeko.dialogues import DataError, job_dialogues
 from neeko.errors import NeekoError
 from neeko.protocol import JobStatus, TrainJob
-from neeko.queue import TurnQueue
+from neeko.queue import TurnQueue, stop_task
 
 MODERATORS_ONLY = "Only moderators (Manage Server, or the moderator role) may do that."
 Announce = Callable[[str, str], Awaitable[None]]
@@ -302,6 +302,4 @@ class Moderation:
                 if ended:
                     await asyncio.wait(ended)
         for task in list(self._followers.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)

@@ -262,6 +262,20 @@ class TurnQueue(abc.ABC):
         """Release connections."""
 
 
+async def stop_task(task: asyncio.Task, timeout: float = 5.0) -> None:
+    """Cancel `task` and wait up to `timeout` s for it to end.
+
+    The wait is bounded because a cancellation can be swallowed on its way through a Redis
+    call (the task then carries on as if nothing happened); such a task is left behind.
+    """
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        log.warning("task %s did not stop within %.0f s", task.get_name(), timeout)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("task %s failed: %r", task.get_name(), task.exception())
+
+
 async def _retry(what: str, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
     """Run `fn`, retrying on Redis connection errors with backoff (until `deadline`)."""
     import redis.exceptions as rex

@@ -7,7 +7,6 @@ crash (final reply + its publication + acknowledgement) runs as one Lua script.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +26,7 @@ from neeko.queue import (
     _finished,
     _retry,
     log,
+    stop_task,
 )
 
 READ_BLOCK_MS = 20
@@ -85,9 +85,7 @@ class RedisQueue(TurnQueue):
     async def close(self) -> None:
         """Stop the reply reader and close the connection pool."""
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await stop_task(self._reader)
         await self.redis.aclose()
         await self.redis.connection_pool.disconnect()
 

@@ -106,7 +106,8 @@ class Worker:
         cfg = self.config
         await self.queue.heartbeat(self.name)
         await self._check_events(force=True)
-        keepalive = asyncio.create_task(self._keepalive())
+        stopped = asyncio.Event()
+        keepalive = asyncio.create_task(self._keepalive(stopped))
         try:
             while not (self._stopping.is_set() and not self.flights and not self._held):
                 await self._periodic()
@@ -124,9 +125,8 @@ class Worker:
                 if self.flights:
                     await self._step()
         finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            stopped.set()  # not cancel(): a Redis call in flight may swallow a cancellation
+            await keepalive
             await self._flush_counts()
             await self.queue.leave(self.name)
 
@@ -138,15 +138,18 @@ class Worker:
     def _admitting(self) -> bool:
         return not self._stopping.is_set() and self._room() > 0 and not self._events
 
-    async def _keepalive(self) -> None:
-        """Heartbeat and refresh the claims of the turns in flight, also during long steps.
+    async def _keepalive(self, stopped: asyncio.Event) -> None:
+        """Heartbeat and refresh the claims of the turns in flight until `stopped` is set.
 
         A task of its own: a decode step runs in a thread, so this keeps going while the
         model works, however long a prefill takes.
         """
         interval = min(self.config.heartbeat_s, self.queue.config.claim_idle_ms / 3000)
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), interval)
+            if stopped.is_set():
+                return
             try:
                 await self.queue.heartbeat(self.name)
                 await self.queue.touch(self.name, [f.delivery for f in self.flights.values()])
