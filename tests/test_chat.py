@@ -41,6 +41,18 @@ NOVA_DIALOGUES = "\n".join(
 ).encode()
 
 
+def _hand_reply(turn_id: str, text: str) -> Reply:
+    """A final reply as a hand-run worker would send it."""
+    return Reply(
+        turn=turn_id,
+        text=text,
+        finish_reason="eos",
+        prompt_tokens=1,
+        completion_tokens=1,
+        worker="hand",
+    )
+
+
 class RecordingQueue(LocalQueue):
     """The in-process queue, keeping every turn it was given."""
 
@@ -180,14 +192,7 @@ async def test_mentions_in_model_output_cannot_ping(settings):
     async def hand_worker():
         (delivery,) = await queue.fetch("hand", 1, 5000)
         text = "@everyone look <@123> <@&456> <#789> @here"
-        reply = Reply(
-            turn=delivery.turn.id,
-            text=text,
-            finish_reason="eos",
-            prompt_tokens=1,
-            completion_tokens=1,
-            worker="hand",
-        )
+        reply = _hand_reply(delivery.turn.id, text)
         await queue.complete(delivery, reply)
 
     task = asyncio.create_task(hand_worker())
@@ -259,13 +264,25 @@ async def test_submit_then_train_a_character(settings, recorded):
 def test_terminal_chat_with_piped_stdin(settings):
     script = "/become Birch\nHello there!\n/characters\n/quit\n"
     out = subprocess.run(
-        [sys.executable, "-m", "neeko.cli", "chat", "--model", "tiny", "--store", settings.store,
-         "--db", settings.db_path, "--max-new-tokens", "8"],
+        [
+            sys.executable,
+            "-m",
+            "neeko.cli",
+            "chat",
+            "--model",
+            "tiny",
+            "--store",
+            settings.store,
+            "--db",
+            settings.db_path,
+            "--max-new-tokens",
+            "8",
+        ],
         input=script,
         capture_output=True,
         text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "[**Birch** now speaks in this channel.]" in lines
@@ -400,14 +417,7 @@ async def test_terminal_shows_a_streamed_reply_once(settings, database):
         (delivery,) = await queue.fetch("hand", 1, 5000)
         for chunk in ("  Hi", " there", "!\n"):
             await queue.publish([(delivery, chunk)])
-        reply = Reply(
-            turn=delivery.turn.id,
-            text="  Hi there!\n",
-            finish_reason="eos",
-            prompt_tokens=1,
-            completion_tokens=3,
-            worker="hand",
-        )
+        reply = _hand_reply(delivery.turn.id, "  Hi there!\n")
         await queue.complete(delivery, reply)
 
     task = asyncio.create_task(hand_worker())
@@ -427,14 +437,7 @@ async def test_a_channel_with_too_many_waiting_messages_turns_more_away(settings
         await answering.wait()
         while True:
             for d in await queue.fetch("hand", 8, 100):
-                reply = Reply(
-                    turn=d.turn.id,
-                    text="ok",
-                    finish_reason="eos",
-                    prompt_tokens=1,
-                    completion_tokens=1,
-                    worker="hand",
-                )
+                reply = _hand_reply(d.turn.id, "ok")
                 await queue.complete(d, reply)
 
     worker = asyncio.create_task(hand_worker())
