@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import TYPE_CHECKING
 
 import discord
@@ -90,9 +91,10 @@ def _close_on_signals(bot: commands.Bot) -> None:
         _background.add(task)
         task.add_done_callback(_background.discard)
 
+    if sys.platform == "win32":  # no loop signal handlers there; Ctrl-C still stops asyncio.run
+        return
     for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # Windows has no loop signal handlers
-            loop.add_signal_handler(sig, close, sig.name)
+        loop.add_signal_handler(sig, close, sig.name)
 
 
 def main() -> None:
