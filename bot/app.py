@@ -20,15 +20,18 @@ from neeko.settings import ChatSettings, DiscordSettings
 
 if TYPE_CHECKING:
     from neeko.chat import ChatService
+    from neeko.moderation import Moderation
 
 log = logging.getLogger(__name__)
 _background: set[asyncio.Task[None]] = set()
 
 
 class NeekoBot(commands.Bot):
-    """The bot: the chat and character cogs over one `ChatService`, passed in."""
+    """The bot: the chat and character cogs over one `ChatService` and `Moderation`."""
 
-    def __init__(self, service: ChatService, settings: DiscordSettings) -> None:
+    def __init__(
+        self, service: ChatService, moderation: Moderation, settings: DiscordSettings
+    ) -> None:
         intents = discord.Intents.default()
         intents.message_content = True
         super().__init__(
@@ -38,14 +41,15 @@ class NeekoBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
         )
         self.service = service
+        self.moderation = moderation
         self.settings = settings
-        service.announce = self.announce
+        moderation.announce = self.announce
 
     async def setup_hook(self) -> None:
         """Add the cogs and sync the slash commands (to `guild_id` only, if set)."""
         webhooks = WebhookCache()
         await self.add_cog(ChatCog(self.service, self.settings, webhooks=webhooks))
-        await self.add_cog(CharactersCog(self.service, self.settings, webhooks))
+        await self.add_cog(CharactersCog(self.service, self.moderation, self.settings, webhooks))
         if self.settings.guild_id is not None:
             guild = discord.Object(id=self.settings.guild_id)
             self.tree.copy_global_to(guild=guild)
@@ -71,10 +75,10 @@ class NeekoBot(commands.Bot):
 
 async def run(discord_settings: DiscordSettings, chat_settings: ChatSettings) -> None:
     """Open the chat service, run the bot until it is closed, then close the service."""
-    from neeko.service import open_service  # loads the model: only when the bot runs
+    from neeko.wiring import open_services  # loads the model: only when the bot runs
 
-    async with open_service(chat_settings) as service:
-        bot = NeekoBot(service, discord_settings)
+    async with open_services(chat_settings) as (service, moderation):
+        bot = NeekoBot(service, moderation, discord_settings)
         _close_on_signals(bot)
         async with bot:
             await bot.start(discord_settings.token.get_secret_value())

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import discord
 
+from neeko.characters import guild_scope
 from neeko.chat_types import Author
 from neeko.settings import DiscordSettings
 
 
 def is_moderator(user: discord.abc.User, settings: DiscordSettings) -> bool:
-    """Whether `user` may submit and train characters.
+    """Whether `user` may submit and train the characters of the server it acts in.
 
-    A moderator is a guild member with Manage Server, or with the role named by
-    `settings.moderator_role` (its exact name or its id). Outside a guild nobody is.
+    A moderator is a guild member with Manage Server, or with the role `moderator_role`:
+    by its id anywhere (ids are unique), by its name only in the server `guild_id` (any
+    server can make a role of any name). Outside a guild nobody is; owners always are.
     """
+    if is_owner(user, settings):
+        return True
     if not isinstance(user, discord.Member):
         return False
     if user.guild_permissions.manage_guild:
         return True
     wanted = settings.moderator_role.strip()
-    return bool(wanted) and any(wanted in (role.name, str(role.id)) for role in user.roles)
+    home = settings.guild_id is not None and user.guild.id == settings.guild_id
+    return bool(wanted) and any(
+        wanted == str(role.id) or (home and wanted == role.name) for role in user.roles
+    )
+
+
+def is_owner(user: discord.abc.User, settings: DiscordSettings) -> bool:
+    """Whether `user` is one of the bot's owners (`DISCORD_OWNER_IDS`)."""
+    return user.id in settings.owner_ids
 
 
 def chats_in(channel: object, settings: DiscordSettings) -> bool:
@@ -41,6 +53,15 @@ def where_characters_speak(settings: DiscordSettings) -> str:
     return f"Characters don't speak in this channel; try {names}."
 
 
-def author_of(user: discord.abc.User, settings: DiscordSettings) -> Author:
-    """The chat service's view of a Discord user."""
-    return Author(id=str(user.id), name=user.display_name, moderator=is_moderator(user, settings))
+def author_of(
+    user: discord.abc.User, settings: DiscordSettings, guild_id: int | None = None
+) -> Author:
+    """The chat service's view of a Discord user acting in the server `guild_id`."""
+    guild = guild_id if guild_id is not None else getattr(getattr(user, "guild", None), "id", 0)
+    return Author(
+        id=str(user.id),
+        name=user.display_name,
+        moderator=is_moderator(user, settings),
+        owner=is_owner(user, settings),
+        scope=guild_scope(guild or 0),
+    )

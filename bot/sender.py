@@ -131,22 +131,19 @@ class ChannelPoster:
         self,
         channel: discord.abc.Messageable,
         webhooks: WebhookCache,
-        speaker: Callable[[], Awaitable[Speaker]],
+        speaker: Speaker | None = None,
     ) -> None:
         self.channel = channel
         self.webhooks = webhooks
-        self.speaker: Speaker | None = None
-        """Who speaks; asked of `speaker` at the first message unless set before."""
-        self._ask_speaker = speaker
+        self.speaker = speaker
+        """Who speaks: the name and avatar of the webhook posts (the bot's own without)."""
 
     async def send(self, text: str) -> discord.Message:
         """Post `text` under the speaker's name and avatar (mentions never ping)."""
         thread = self.channel if isinstance(self.channel, discord.Thread) else None
         owner = thread.parent if thread is not None else self.channel
         hook = await self.webhooks.get(owner) if isinstance(owner, WebhookChannel) else None
-        if hook is not None:
-            if self.speaker is None:
-                self.speaker = await self._ask_speaker()
+        if hook is not None and self.speaker is not None:
             extra = {"thread": thread} if thread is not None else {}
             try:
                 return await hook.send(

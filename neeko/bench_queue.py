@@ -23,13 +23,15 @@ import uuid
 
 import torch
 
-from neeko.characters import Catalog
+from neeko.catalog import Catalog
 from neeko.engine import GenerationRequest
+from neeko.follower import CatalogFollower
 from neeko.protocol import Message, Reply, Sampling, Turn
-from neeko.queue import Chunk, QueueConfig, TurnQueue, open_queue
+from neeko.queue import Chunk, QueueConfig, TurnQueue
 from neeko.redis_server import RedisServer
+from neeko.runtime import CAST_STORE, Runtime, open_runtime, untrained_cast_runtime
+from neeko.transport import Transport, open_transport
 from neeko.worker import Worker, WorkerConfig
-from neeko.workflows import CAST_STORE, Runtime, open_runtime, untrained_cast_runtime
 
 QUESTIONS = [
     "What are you doing today?",
@@ -60,15 +62,11 @@ def run_queue_bench(
 
 
 async def _bench(rt: Runtime, url: str, quick: bool) -> dict:
-    cfg = QueueConfig()
-    queue = open_queue(url, cfg)
-    try:
-        latency = await _latency(rt, queue, pairs=20 if quick else 100)
+    async with open_transport(url, QueueConfig()) as transport:
+        latency = await _latency(rt, transport, pairs=20 if quick else 100)
         tokens = 16 if quick else 32
-        batched = await _throughput(rt, queue, max_batch=16, new_tokens=tokens)
-        single = await _throughput(rt, queue, max_batch=1, new_tokens=tokens)
-    finally:
-        await queue.close()
+        batched = await _throughput(rt, transport, max_batch=16, new_tokens=tokens)
+        single = await _throughput(rt, transport, max_batch=1, new_tokens=tokens)
     return {
         **latency,
         "tok_s_batched": round(batched, 2),
@@ -102,9 +100,12 @@ def _turn(speaker: dict, question: str, new_tokens: int, greedy_seed: int = 0) -
     )
 
 
-async def _latency(rt: Runtime, queue: TurnQueue, pairs: int) -> dict:
+async def _latency(rt: Runtime, transport: Transport, pairs: int) -> dict:
     """Alternate direct engine calls and queued turns; first-token times of both."""
-    worker = Worker(queue, rt, WorkerConfig(max_batch=16, block_ms=50), name="bench-latency")
+    queue = transport.turns
+    cfg = WorkerConfig(max_batch=16, block_ms=50)
+    follower = CatalogFollower(rt.catalog, transport.events)
+    worker = Worker(queue, follower, rt, cfg, name="bench-latency")
     task = asyncio.create_task(worker.run())
     await _until_alive(queue)
     speakers = _speakers(rt)
@@ -154,9 +155,12 @@ async def _first_token(queue: TurnQueue, turn: Turn) -> tuple[float, Reply]:
     raise RuntimeError("no reply")  # pragma: no cover (submit raises on timeout)
 
 
-async def _throughput(rt: Runtime, queue: TurnQueue, max_batch: int, new_tokens: int) -> float:
+async def _throughput(rt: Runtime, transport: Transport, max_batch: int, new_tokens: int) -> float:
     """Tokens per second of 64 concurrent turns over 8 speakers."""
-    worker = Worker(queue, rt, WorkerConfig(max_batch=max_batch, block_ms=50), name="bench-tput")
+    queue = transport.turns
+    cfg = WorkerConfig(max_batch=max_batch, block_ms=50)
+    follower = CatalogFollower(rt.catalog, transport.events)
+    worker = Worker(queue, follower, rt, cfg, name="bench-tput")
     task = asyncio.create_task(worker.run())
     await _until_alive(queue)
     speakers = _speakers(rt)

@@ -18,6 +18,7 @@ import unicodedata
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from neeko.errors import CardError
@@ -28,6 +29,9 @@ MAX_NAME_CHARS = 64  # a name or alias, after cleaning
 MAX_LIST_ITEMS = 64  # aliases, tags, alternate greetings
 MAX_TAG_CHARS = 64
 MAX_URL_CHARS = 2_048
+MAX_JSON_DEPTH = 32
+"""How deep a card's JSON may nest, counted as its V2 export: the card object is level 1,
+`data` level 2, so `extensions` may nest 30 levels and the keys kept in `extra` likewise."""
 
 Spec = Literal["chara_card_v1", "chara_card_v2", "chara_card_v3", "fields"]
 SPECS: tuple[str, ...] = get_args(Spec)
@@ -63,6 +67,10 @@ _CHAR_MACRO = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
 _OTHER_IMAGES = {b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP"}
 _KINDS = {str: "a string", bool: "a boolean", int: "a number", float: "a number"}
 _KINDS |= {list: "a list", tuple: "a list", dict: "an object", type(None): "null"}
+_EXTENSIONS_DEPTH = MAX_JSON_DEPTH - 2
+"""`extensions` sits in `data` in the card object: two levels of the card's depth."""
+_CONTAINERS = (dict, list, tuple)
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class CharacterCard:
         _set(self, "tags", _clean_tags(self.tags))
         _set(self, "alternate_greetings", _clean_greetings(self.alternate_greetings))
         _set(self, "avatar_url", _clean_url(self.avatar_url))
-        _set(self, "extensions", _json_object(self.extensions, "extensions"))
+        _set(self, "extensions", _json_object(self.extensions, "extensions", _EXTENSIONS_DEPTH))
         _set(self, "extra", _clean_extra(self.extra))
         if not self.persona_text():
             raise CardError(
@@ -208,10 +216,23 @@ def parse_card(data: bytes, filename: str = "") -> CharacterCard:
         raise CardError(f"{filename}: {err}") from err
 
 
+def read_card_file(path: str | Path) -> CharacterCard:
+    """Read and parse a card file; CardError names the file and what is wrong."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
+    return parse_card(data, str(path))
+
+
 def card_from_json(obj: object) -> CharacterCard:
-    """Build a card from decoded card JSON of any spec (V1 flat, V2 or V3)."""
+    """Build a card from decoded card JSON of any spec (V1 flat, V2 or V3).
+
+    Raises CardError if `obj` nests more than MAX_JSON_DEPTH levels, before reading it.
+    """
     if not isinstance(obj, dict):
         raise CardError(f"card JSON must be an object, got {_kind(obj)}")
+    _check_depth(obj, "card JSON", MAX_JSON_DEPTH)
     spec = obj.get("spec")
     if spec is None:
         return _card_from_data(obj, {}, "chara_card_v1")
@@ -264,7 +285,9 @@ def _load_json(raw: bytes, where: str) -> object:
             f"card JSON{where} is malformed at line {err.lineno} column {err.colno}: {err.msg}"
         ) from err
     except RecursionError as err:
-        raise CardError(f"card JSON{where} is nested too deeply") from err
+        raise CardError(
+            f"card JSON{where} is nested too deeply; the limit is {MAX_JSON_DEPTH} levels"
+        ) from err
 
 
 def _reject_constant(name: str) -> None:
@@ -502,13 +525,14 @@ def _clean_url(value: object) -> str:
     return url
 
 
-def _json_object(value: object, label: str) -> dict[str, Any]:
-    """A deep copy of `value` through JSON: proves it is plain JSON data (no NaN)."""
+def _json_object(value: object, label: str, limit: int) -> dict[str, Any]:
+    """A deep copy of `value` through JSON: plain JSON data (no NaN), `limit` levels at most."""
     if not isinstance(value, dict):
         raise CardError(f"{label} must be an object, got {_kind(value)}")
+    _check_depth(value, label, limit)
     try:
         return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError, RecursionError) as err:
+    except (TypeError, ValueError) as err:
         raise CardError(f"{label} must hold only JSON data: {err}") from err
 
 
@@ -516,9 +540,71 @@ def _clean_extra(value: object) -> dict[str, dict[str, Any]]:
     """`extra` as {"top": ..., "data": ...}, with no key that a card field owns."""
     if not isinstance(value, dict) or set(value) - {"top", "data"}:
         raise CardError('extra must be an object with only "top" and "data" keys')
-    top = _json_object(value.get("top", {}), "extra.top")
-    data = _json_object(value.get("data", {}), "extra.data")
+    top = _json_object(value.get("top", {}), "extra.top", MAX_JSON_DEPTH)
+    data = _json_object(value.get("data", {}), "extra.data", MAX_JSON_DEPTH - 1)
     clashes = sorted(set(top) & _ENVELOPE_KEYS) + sorted(set(data) & _DATA_KEYS)
     if clashes:
         raise CardError(f"extra repeats card field(s) {', '.join(clashes)}")
     return {"top": top, "data": data}
+
+
+# --- JSON nesting ------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    """A container being measured by `json_depth`."""
+
+    node: dict | list | tuple
+    children: Iterator[object]
+    deepest: int = 0
+    """Depth of the deepest child measured so far."""
+
+
+def json_depth(value: object) -> int:
+    """How many levels of objects and lists `value` nests: 0 for a scalar, 1 for `[1]`.
+
+    Measured with an explicit stack, so any depth is measured without RecursionError.
+    A container shared by several parents is measured once.
+
+    Raises:
+        ValueError: A container holds itself (only possible for Python data, not decoded JSON).
+    """
+    if not isinstance(value, _CONTAINERS):
+        return 0
+    done: dict[int, int] = {}
+    stack = [_Frame(value, _children(value))]
+    on_path = {id(value)}
+    while stack:
+        top = stack[-1]
+        child = next(top.children, _END)
+        if child is _END:
+            stack.pop()
+            on_path.discard(id(top.node))
+            depth = done[id(top.node)] = top.deepest + 1
+            if stack:
+                stack[-1].deepest = max(stack[-1].deepest, depth)
+        elif isinstance(child, _CONTAINERS):
+            if id(child) in done:
+                top.deepest = max(top.deepest, done[id(child)])
+            elif id(child) in on_path:
+                raise ValueError("holds itself (a reference cycle)")
+            else:
+                on_path.add(id(child))
+                stack.append(_Frame(child, _children(child)))
+    return done[id(value)]
+
+
+def _children(node: dict | list | tuple) -> Iterator[object]:
+    return iter(node.values() if isinstance(node, dict) else node)
+
+
+def _check_depth(value: object, label: str, limit: int) -> None:
+    """Raise CardError if `value` nests more than `limit` levels (or holds itself)."""
+    try:
+        depth = json_depth(value)
+    except ValueError as err:
+        raise CardError(f"{label} {err}") from None
+    if depth > limit:
+        whole = "" if limit == MAX_JSON_DEPTH else f" ({MAX_JSON_DEPTH} for the whole card)"
+        raise CardError(f"{label} is nested {depth} levels deep; the limit is {limit}{whole}")

@@ -1,52 +1,109 @@
-"""The character catalog: cards, role embeddings, status and blocks, kept in a store folder.
+"""Characters: who they are, where they belong (scopes), and the keys they are stored under.
 
-A store folder holds `manifest.json` (one entry per character: its card, status and, for a
-fused character, its gate over trained characters), `roles.safetensors` (role embeddings)
-, `gate.safetensors` (the learned gate's row per trained character, when fitted) and
-`blocks/KEY.safetensors` (one block per trained character). Every file is written to
-a temporary name and renamed into place, the manifest last, so a crash mid-save leaves the
-previous store intact.
+A character belongs to one scope: the shared cast (`SHARED`, seen everywhere), one Discord
+server (`guild_scope(id)`), or the terminal chat (`LOCAL`). Names are compared by `fold`,
+which ignores case, accents, punctuation, spacing and full-width forms ("BOLT 7", "Bolt-7"
+and "ＢＯＬＴ－７" are one name); storage keys are made from the same folded form, so two
+names that compare different never share a key. Keys are stable (no `hash()`), unique in a
+store, and never reused. `Character` is frozen: only the catalog (`neeko.catalog`) makes
+new versions of one.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
+import hashlib
 import re
-import tempfile
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
-
 from neeko.cards import CharacterCard, parse_card
 from neeko.errors import NeekoError
-from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate, top_k_softmax
-from neeko.lora import Gate, LoRABank
 
 Status = Literal["fused", "training", "trained"]
-MANIFEST = "manifest.json"
-ROLES = "roles.safetensors"
-GATE = "gate.safetensors"
-STORE_VERSION = 1
+STATUSES: tuple[Status, ...] = ("fused", "training", "trained")
+Mix = Mapping[str, float]
+"""A gate mix: weights over trained characters' keys (a fused character or persona)."""
+
+SHARED = "shared"
+"""The shared cast: seen in every scope, managed by the bot's owners only."""
+LOCAL = "local"
+"""The terminal chat's own scope."""
+_GUILD = re.compile(r"guild:(\d{1,20})")
+KEY_PATTERN = r"^(?:(?:local|g\d{1,20})\.)?(?:[a-z0-9_]{1,100})(?:-\d{1,6})?$"
+"""Storage keys: `[scope tag.]base[-n]` (the shared cast has no tag; `-n` follows a key
+already used)."""
+_KEY = re.compile(KEY_PATTERN)
 CAST_DIR = Path(__file__).parent / "data" / "cast"
 
 
 class CatalogError(NeekoError, ValueError):
-    """A character is unknown, already exists, or the store is unreadable."""
+    """A character is unknown, taken or out of scope, or the store is unreadable."""
 
 
-def slug(name: str) -> str:
-    """A file-safe key for a character name ("Captain Mara Vell" -> "captain_mara_vell")."""
-    text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    key = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return key or f"char_{abs(hash(name)) % 10**8}"
+def guild_scope(guild_id: int | str) -> str:
+    """The scope of one Discord server."""
+    return f"guild:{int(guild_id)}"
+
+
+def check_scope(scope: str) -> str:
+    """`scope` if it is `SHARED`, `LOCAL` or `guild:<id>`; else CatalogError."""
+    if scope in (SHARED, LOCAL) or (isinstance(scope, str) and _GUILD.fullmatch(scope)):
+        return scope
+    raise CatalogError(f"unknown scope {scope!r}: expected shared, local or guild:<id>")
+
+
+def check_key(key: str) -> str:
+    """`key` if it has the form of a storage key (safe as a file name); else CatalogError."""
+    if isinstance(key, str) and _KEY.fullmatch(key):
+        return key
+    raise CatalogError(f"{key!r} is not a valid character key")
+
+
+def fold(name: str) -> str:
+    """The form in which names are compared: "Captain Mára Vell!" -> "captain mara vell".
+
+    NFKC (full-width and compatibility forms), case folding, accents of Latin, Greek and
+    Cyrillic letters dropped (other scripts keep their marks: in kana they change the
+    word), and every run of characters that are neither letters nor digits becomes one
+    space.
+    """
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", name).casefold())
+    kept, base = [], "\0"
+    for char in text:
+        if unicodedata.combining(char) and (ord(base) < 0x0530 or 0x1E00 <= ord(base) < 0x2000):
+            continue
+        kept.append(char)
+        if not unicodedata.combining(char):
+            base = char
+    text = unicodedata.normalize("NFC", "".join(kept))
+    word = (c if c.isalnum() or unicodedata.category(c)[0] == "M" else " " for c in text)
+    return " ".join("".join(word).split())
+
+
+def key_base(name: str) -> str:
+    """The scope-free part of a key: the folded name, file-safe.
+
+    ASCII names keep their words ("bolt_7"); others get their ASCII letters and a digest of
+    the folded name ("u3a5c0e1f9b2d"), the same in every process.
+    """
+    folded = fold(name)
+    if not folded:
+        raise CatalogError(f"{name!r} has no letter or digit; a name needs one")
+    if folded.isascii():
+        return folded.replace(" ", "_")[:100]
+    latin = re.sub(r"[^a-z0-9]+", "_", folded.encode("ascii", "ignore").decode()).strip("_")
+    digest = hashlib.sha256(folded.encode()).hexdigest()[:12]
+    return f"{latin[:80]}_{digest}" if latin else f"u{digest}"
+
+
+def scope_key(scope: str, name: str, n: int = 1) -> str:
+    """The `n`-th candidate key of `name` in `scope` (`n` > 1 when earlier ones were used)."""
+    check_scope(scope)
+    tag = "" if scope == SHARED else "local." if scope == LOCAL else f"g{scope[6:]}."
+    return f"{tag}{key_base(name)}" + (f"-{n}" if n > 1 else "")
 
 
 def system_prompt(card: CharacterCard) -> str:
@@ -60,258 +117,31 @@ def system_prompt(card: CharacterCard) -> str:
     return "\n".join(parts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Character:
-    """One catalog entry."""
+    """One catalog entry; frozen (the catalog replaces it to change it)."""
 
     key: str
     card: CharacterCard
+    scope: str = SHARED
     status: Status = "fused"
-    fused_from: dict[str, float] = field(default_factory=dict)
-    """For a fused character: weights over trained characters' keys."""
-    block: int | None = None
-    """Index of its block in the bank it was loaded into (trained characters)."""
+    mix: Mix = field(default_factory=dict)
+    """For a fused character: its gate mix over trained characters' keys."""
+    submitted_by: str = ""
+    """Who added it (a user id), where known."""
 
     @property
     def name(self) -> str:
         """Display name."""
         return self.card.name
 
-    def to_json(self) -> dict:
-        """Manifest entry."""
-        return {
-            "key": self.key,
-            "status": self.status,
-            "fused_from": self.fused_from,
-            "card": self.card.to_dict(),
-        }
+    def names(self) -> tuple[str, ...]:
+        """Name and aliases, folded: what other names must not equal."""
+        return tuple(dict.fromkeys(fold(n) for n in (self.card.name, *self.card.aliases)))
 
-
-@dataclass
-class Resolution:
-    """What a user's text names: a character, near misses, or a free-text persona."""
-
-    kind: Literal["character", "suggestions", "persona"]
-    character: Character | None = None
-    suggestions: list[str] = field(default_factory=list)
-    text: str = ""
-
-
-class Catalog:
-    """Characters with their role embeddings; optionally backed by a store folder."""
-
-    def __init__(self, folder: str | Path | None = None, encoder: str = "default") -> None:
-        """An empty catalog; `open` reads an existing store."""
-        self.folder = Path(folder) if folder else None
-        self.encoder_name = encoder
-        self.model = ""
-        """Base model the blocks were trained on (a block only fits that model)."""
-        self.characters: dict[str, Character] = {}
-        self.embeddings: dict[str, Tensor] = {}
-        self.gate_rows: dict[str, Tensor] = {}
-        """The learned gate: W_g's row for each trained character (empty until fitted)."""
-        self._encoder: RoleEncoder | None = None
-
-    # -- persistence -------------------------------------------------------------------
-
-    @classmethod
-    def open(cls, folder: str | Path) -> Catalog:
-        """Read the store in `folder` (which must exist)."""
-        folder = Path(folder)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CatalogError(f"{folder}: no {MANIFEST}; not a character store") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CatalogError(f"{folder / MANIFEST}: unreadable ({exc})") from None
-        if manifest.get("version") != STORE_VERSION:
-            raise CatalogError(f"{folder}: store version {manifest.get('version')!r} unsupported")
-        catalog = cls(folder, manifest.get("encoder", "default"))
-        catalog.model = manifest.get("model", "")
-        for entry in manifest["characters"]:
-            card = CharacterCard.from_dict(entry["card"])
-            catalog.characters[entry["key"]] = Character(
-                entry["key"], card, entry["status"], dict(entry.get("fused_from", {}))
-            )
-        if (folder / ROLES).exists():
-            catalog.embeddings = load_file(str(folder / ROLES))
-        if (folder / GATE).exists():
-            catalog.gate_rows = load_file(str(folder / GATE))
-        return catalog
-
-    def save(self) -> None:
-        """Write the store atomically (blocks are written by `save_block`)."""
-        if self.folder is None:
-            raise CatalogError("this catalog has no store folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.embeddings:
-            _atomic(
-                self.folder / ROLES,
-                lambda p: save_file({k: v.contiguous() for k, v in self.embeddings.items()}, p),
-            )
-        if self.gate_rows:
-            _atomic(
-                self.folder / GATE,
-                lambda p: save_file({k: v.contiguous() for k, v in self.gate_rows.items()}, p),
-            )
-        manifest = {
-            "version": STORE_VERSION,
-            "encoder": self.encoder_name,
-            "model": self.model,
-            "characters": [c.to_json() for c in self.characters.values()],
-        }
-        text = json.dumps(manifest, indent=2, ensure_ascii=False)
-        _atomic(self.folder / MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-    def block_path(self, key: str) -> Path:
-        """Where a trained character's block lives."""
-        if self.folder is None:
-            raise CatalogError("this catalog has no store folder")
-        return self.folder / "blocks" / f"{key}.safetensors"
-
-    def load_blocks(self, bank: LoRABank) -> None:
-        """Append every trained character's block to `bank` and record its index."""
-        for char in self.trained():
-            char.block = bank.load_block(self.block_path(char.key))
-
-    # -- characters --------------------------------------------------------------------
-
-    @property
-    def encoder(self) -> RoleEncoder:
-        """The role encoder (loaded on first use)."""
-        if self._encoder is None:
-            self._encoder = RoleEncoder(self.encoder_name)
-        return self._encoder
-
-    def trained(self) -> list[Character]:
-        """Trained characters, in catalog order (the order their blocks are loaded)."""
-        return [c for c in self.characters.values() if c.status == "trained"]
-
-    def add(self, card: CharacterCard, status: Status = "fused") -> Character:
-        """Register a character and embed its profile; refuses a name or alias in use."""
-        key = slug(card.name)
-        for name in (card.name, *card.aliases):
-            found = self.find(name)
-            if found is not None:
-                raise CatalogError(f"{name!r} is already taken by {found.name!r}")
-        char = Character(key, card, status)
-        self.embeddings[key] = self.encoder.encode([card.persona_text()])[0]
-        self.characters[key] = char
-        return char
-
-    def fuse(self, card: CharacterCard, config: GateConfig | None = None) -> Character:
-        """Register `card` as a fused character: gate weights over trained characters only."""
-        char = self.add(card, "fused")
-        char.fused_from = self.fusion_weights(self.embeddings[char.key], config)
-        return char
-
-    def fusion_weights(
-        self, query: Tensor, config: GateConfig | None = None, exclude: tuple[str, ...] = ()
-    ) -> dict[str, float]:
-        """Gate weights over the top-k trained characters (by key), bar `exclude`.
-
-        softmax(cos / tau) against role embeddings, or with `policy="learned"` the learned
-        gate softmax(W_g e) restricted to the top-k.
-        """
-        cfg = config or GateConfig()
-        trained = [c.key for c in self.trained() if c.key not in exclude]
-        if not trained:
-            return {}
-        if cfg.policy == "learned":
-            missing = [k for k in trained if k not in self.gate_rows]
-            if missing:
-                raise CatalogError(f"no learned gate for {missing}; train the store to fit it")
-            scores = torch.stack([self.gate_rows[k] for k in trained]) @ query.float()
-            return {trained[i]: w for i, w in top_k_softmax(scores, cfg.top_k).items()}
-        embs = torch.stack([self.embeddings[k] for k in trained])
-        gate = fusion_gate(query, embs, list(range(len(trained))), cfg)
-        return {trained[i]: w for i, w in gate.items()}
-
-    def gate_texts(self, key: str, lines: Sequence[str] = ()) -> list[str]:
-        """Texts the learned gate maps to `key`: profile, names, and lines in its voice."""
-        card = self.characters[key].card
-        return [card.persona_text(), card.name, *card.aliases, *lines]
-
-    def fit_gate(self, texts: dict[str, list[str]], only: list[str] | None = None) -> None:
-        """Fit the learned gate over every trained character on `texts` (by key).
-
-        With `only`, just those characters' rows move (expansion); the others keep theirs
-        and serve as the negatives through their `texts`.
-        """
-        keys = [c.key for c in self.trained()]
-        if set(texts) != set(keys) or (only and not set(only) <= set(keys)):
-            raise CatalogError("the learned gate needs texts for exactly the trained characters")
-        flat = [(t, i) for i, k in enumerate(keys) for t in texts[k]]
-        emb = self.encoder.encode([t for t, _ in flat])
-        dim = emb.shape[1]
-        weight = torch.stack([self.gate_rows.get(k, torch.zeros(dim)) for k in keys])
-        rows = None if only is None else [keys.index(k) for k in only]
-        fitted = fit_gate(emb, torch.tensor([i for _, i in flat]), weight, rows)
-        self.gate_rows = {k: fitted[i].clone() for i, k in enumerate(keys)}
-
-    def gate(self, key: str) -> Gate:
-        """The block gate of a character (its blocks must be loaded into a bank)."""
-        char = self.characters[key]
-        if char.status == "trained":
-            if char.block is None:
-                raise CatalogError(f"{char.name}'s block is not loaded")
-            return {char.block: 1.0}
-        return self.gate_from_weights(char.fused_from)
-
-    def persona_gate(self, text: str, config: GateConfig | None = None) -> Gate:
-        """A fused gate for free text such as "a grumpy sea captain"."""
-        return self.gate_from_weights(self.fusion_weights(self.encoder.encode([text])[0], config))
-
-    def gate_from_weights(self, weights: dict[str, float]) -> Gate:
-        """Block gate from weights over trained characters' keys."""
-        out = {}
-        for key, w in weights.items():
-            block = self.characters[key].block if key in self.characters else None
-            if block is None:
-                raise CatalogError(f"fused gate names {key!r}, whose block is not loaded")
-            out[block] = w
-        return out
-
-    # -- lookup ------------------------------------------------------------------------
-
-    def find(self, text: str) -> Character | None:
-        """The character whose name or alias is `text` (case- and space-insensitive)."""
-        want = _norm(text)
-        for char in self.characters.values():
-            if want in {_norm(n) for n in (char.name, *char.card.aliases)}:
-                return char
-        return None
-
-    def resolve(self, text: str, cutoff: float = 0.75) -> Resolution:
-        """Exact name or alias -> that character; a near miss -> suggestions; else a persona."""
-        if (char := self.find(text)) is not None:
-            return Resolution("character", character=char, text=text)
-        names = {
-            _norm(n): c.name for c in self.characters.values() for n in (c.name, *c.card.aliases)
-        }
-        close = difflib.get_close_matches(_norm(text), list(names), n=3, cutoff=cutoff)
-        if close:
-            return Resolution(
-                "suggestions", suggestions=list(dict.fromkeys(names[c] for c in close)), text=text
-            )
-        return Resolution("persona", text=text)
-
-
-def _norm(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def _atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file onto `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def visible_in(self, scope: str | None) -> bool:
+        """Whether `scope` sees it (None sees every scope: a store's own tools)."""
+        return scope is None or self.scope in (SHARED, scope)
 
 
 @dataclass

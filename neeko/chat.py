@@ -3,7 +3,9 @@
 Per channel it keeps who speaks and the history (SQLite through SQLAlchemy), builds the
 prompt window from the latest turns that fit a token budget, and sends turns through the
 queue to the workers. One generation runs per channel at a time; later messages wait their
-turn in order. What moderators do (submit and train characters) is in `neeko.moderation`.
+turn in order. Each call names the author's scope (their server, or the terminal): a channel
+speaks only as a character its scope sees. What moderators do (submit and train characters)
+is `neeko.moderation`, held beside this service by the front ends.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from neeko import db
-from neeko.characters import Catalog, Character, system_prompt
+from neeko.catalog import Catalog
+from neeko.characters import Character, system_prompt
 from neeko.chat_types import Answer, Author, CharacterInfo, Speaker, TextCallback, refusal
-from neeko.moderation import Announce, Moderation
 from neeko.protocol import Message, Reply, Sampling, Turn
 from neeko.queue import Chunk, QueueError, TurnQueue
 from neeko.settings import ChatSettings
@@ -60,20 +62,24 @@ class ChatService:
         self,
         settings: ChatSettings,
         sessions: async_sessionmaker[AsyncSession],
-        queue: TurnQueue,
+        turns: TurnQueue,
         catalog: Catalog,
         count_tokens: Callable[[str], int],
-        start_trainer: Callable[[], Awaitable[None]] | None = None,
+        context_tokens: int = 2048,
     ) -> None:
-        """Wire the service; `open_service` builds everything from settings."""
-        self.settings, self.sessions, self.queue = settings, sessions, queue
+        """Wire the service; `open_services` builds everything from settings.
+
+        `context_tokens` is the model's context: the system prompt, the history and the
+        reply must fit in it together.
+        """
+        self.settings, self.sessions, self.turns = settings, sessions, turns
         self.catalog, self.count_tokens = catalog, count_tokens
+        self.context_tokens = context_tokens
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_message: dict[str, float] = {}
         self._cut_notified: set[tuple[str, int]] = set()
         self._pending: dict[str, int] = {}
         """Channel -> messages being answered or waiting their turn."""
-        self.moderation = Moderation(sessions, queue, catalog, start_trainer)
 
     # -- messages ----------------------------------------------------------------------
 
@@ -121,10 +127,9 @@ class ChatService:
         message_id: str,
         on_text: TextCallback | None,
     ) -> Answer:
-        await self.moderation.sync_catalog()
         async with self.sessions() as s:
-            state = await self._state(s, channel)
-            voice = self._voice(state)
+            state = await self._state(s, channel, author.scope)
+            voice = self._voice(state, author.scope)
             reply_id = f"{message_id}:reply"
             known = await s.scalar(
                 select(db.MessageRow).where(db.MessageRow.platform_message_id == reply_id)
@@ -167,7 +172,7 @@ class ChatService:
             ),
         )
         try:
-            reply = await self._generate(turn, on_text)
+            reply = await self._generate(turn, voice.speaker, on_text)
         except QueueError as exc:
             return Answer(False, f"No reply: {exc}", voice.speaker, notices, kind="error")
         text = neutralise_mentions(reply.text.strip()) or "…"
@@ -186,13 +191,13 @@ class ChatService:
             await s.commit()
         return Answer(True, text, voice.speaker, notices, kind="reply")
 
-    async def _generate(self, turn: Turn, on_text: TextCallback | None) -> Reply:
+    async def _generate(self, turn: Turn, speaker: Speaker, on_text: TextCallback | None) -> Reply:
         text = ""
-        async for item in self.queue.submit(turn, self.settings.turn_timeout_s):
+        async for item in self.turns.submit(turn, self.settings.turn_timeout_s):
             if isinstance(item, Chunk):
                 text = item.text if item.reset else text + item.text
                 if on_text is not None:
-                    await on_text(neutralise_mentions(text.lstrip()))  # as the final text
+                    await on_text(speaker, neutralise_mentions(text.lstrip()))  # as the final
             else:
                 return item
         raise QueueError("the reply stream ended early")  # pragma: no cover
@@ -200,15 +205,18 @@ class ChatService:
     def _window(self, voice: _Voice, history: list[db.MessageRow]) -> tuple[list[Message], bool]:
         """System prompt plus the newest history that fits the token budget.
 
-        Turns alternate user / assistant, as strict chat templates demand: consecutive user
-        messages (several people talking) are merged, and an opening line of the character
-        (its greeting) goes into the system prompt.
+        The budget is `history_tokens`, less what the system prompt and the reply leave of
+        the model's context. Turns alternate user / assistant, as strict chat templates
+        demand: consecutive user messages (several people talking) are merged, and an
+        opening line of the character (its greeting) goes into the system prompt.
         """
-        budget = self.settings.history_tokens
+        system_cost = self.count_tokens(voice.system) + 32  # with MULTI_USER and the template
+        room = self.context_tokens - system_cost - self.settings.reply_tokens
+        budget = min(self.settings.history_tokens, room)
         picked: list[db.MessageRow] = []
         for row in reversed(history):
             cost = self.count_tokens(row.content) + 8
-            if picked and cost > budget:
+            if cost > budget:
                 break
             budget -= cost
             picked.append(row)
@@ -237,8 +245,7 @@ class ChatService:
             return refusal("Name a character, or describe one.")
         if len(text) > MAX_PERSONA_CHARS:
             return refusal(f"A persona description is at most {MAX_PERSONA_CHARS} characters.")
-        await self.moderation.sync_catalog()
-        found = self.catalog.resolve(text)
+        found = self.catalog.resolve(text, author.scope)
         if found.kind == "suggestions":
             names = ", ".join(found.suggestions)
             return refusal(
@@ -246,21 +253,21 @@ class ChatService:
                 suggestions=found.suggestions,
             )
         async with self._lock(channel), self.sessions() as s:
-            state = await self._state(s, channel)
+            state = await self._state(s, channel, author.scope)
             state.session += 1
             if found.kind == "character" and found.character is not None:
                 state.character_key, state.persona, state.mix = found.character.key, None, {}
-                voice = self._voice(state)
+                voice = self._voice(state, author.scope)
                 message = f"**{voice.speaker.name}** now speaks in this channel."
             else:
-                if not self.catalog.trained():
+                if not self.catalog.trained(author.scope):
                     return Answer(False, "No trained character to fuse from.", kind="error")
                 query = await asyncio.to_thread(self.catalog.encoder.encode, [text])
                 state.character_key, state.persona = None, text
-                state.mix = self.catalog.fusion_weights(query[0])
-                voice = self._voice(state)
+                state.mix = self.catalog.fusion_weights(query[0], scope=author.scope)
+                voice = self._voice(state, author.scope)
                 mix = ", ".join(
-                    f"{self.catalog.characters[k].name} {w:.0%}" for k, w in state.mix.items()
+                    f"{self.catalog.require(k).name} {w:.0%}" for k, w in state.mix.items()
                 )
                 message = f"A fused persona now speaks: **{voice.speaker.name}** ({mix})."
             if voice.greeting:  # the opening line of the new conversation
@@ -277,16 +284,15 @@ class ChatService:
             await s.commit()
         return Answer(True, message, voice.speaker, greeting=voice.greeting)
 
-    async def characters(self) -> list[CharacterInfo]:
-        """Every character of the catalog (starter cast and submitted ones)."""
-        await self.moderation.sync_catalog()
-        return [_info(c) for c in self.catalog.characters.values()]
+    async def characters(self, scope: str) -> list[CharacterInfo]:
+        """The characters `scope` sees: its own and the shared cast."""
+        return [_info(c) for c in self.catalog.visible(scope)]
 
-    def autocomplete(self, prefix: str, limit: int = 25) -> list[str]:
-        """Character names matching `prefix` (by name or alias start, then anywhere)."""
+    def autocomplete(self, prefix: str, scope: str, limit: int = 25) -> list[str]:
+        """Names `scope` sees that match `prefix` (by name or alias start, then anywhere)."""
         want = prefix.casefold().strip()
         starts, inside = [], []
-        for c in self.catalog.characters.values():
+        for c in self.catalog.visible(scope):
             names = [n.casefold() for n in (c.name, *c.card.aliases)]
             if any(n.startswith(want) for n in names):
                 starts.append(c.name)
@@ -297,73 +303,28 @@ class ChatService:
     async def reset(self, channel: str, author: Author) -> Answer:
         """Start a new conversation in the channel (earlier history leaves the prompt)."""
         async with self._lock(channel), self.sessions() as s:
-            state = await self._state(s, channel)
+            state = await self._state(s, channel, author.scope)
             state.session += 1
             await s.commit()
-            voice = self._voice(state)
+            voice = self._voice(state, author.scope)
         return Answer(
             True, f"Conversation reset: {voice.speaker.name} starts afresh.", voice.speaker
         )
 
-    async def speaker(self, channel: str) -> Speaker:
-        """Who speaks in `channel` now."""
+    async def speaker(self, channel: str, scope: str) -> Speaker:
+        """Who speaks in `channel` (of `scope`) now."""
         async with self.sessions() as s:
-            return self._voice(await self._state(s, channel)).speaker
-
-    # -- moderation (see neeko/moderation.py) ------------------------------------------
-
-    async def submit_character(
-        self,
-        author: Author,
-        *,
-        card: bytes | None = None,
-        filename: str = "",
-        name: str | None = None,
-        profile: str | None = None,
-        greeting: str = "",
-    ) -> Answer:
-        """Register a character from a card file or fields; playable at once by fusion."""
-        return await self.moderation.submit(
-            author, card=card, filename=filename, name=name, profile=profile, greeting=greeting
-        )
-
-    async def train_character(
-        self,
-        author: Author,
-        name: str,
-        channel: str,
-        dialogues: bytes | None = None,
-        on_progress: Callable[[str], Awaitable[None]] | None = None,
-    ) -> Answer:
-        """Queue an expansion job for a submitted character; progress goes to `on_progress`."""
-        return await self.moderation.train(author, name, channel, dialogues, on_progress)
-
-    async def character_status(self, name: str) -> Answer:
-        """A character's status, with its latest training job."""
-        return await self.moderation.status(name)
-
-    @property
-    def announce(self) -> Announce | None:
-        """Posts a line in a channel by id: news of jobs that outlived their request."""
-        return self.moderation.announce
-
-    @announce.setter
-    def announce(self, post: Announce | None) -> None:
-        self.moderation.announce = post
-
-    async def aclose(self) -> None:
-        """Stop following training jobs (those that just ended report first)."""
-        await self.moderation.aclose()
+            return self._voice(await self._state(s, channel, scope), scope).speaker
 
     # -- state -------------------------------------------------------------------------
 
     def _lock(self, channel: str) -> asyncio.Lock:
         return self._locks.setdefault(channel, asyncio.Lock())
 
-    async def _state(self, s: AsyncSession, channel: str) -> db.ChannelState:
+    async def _state(self, s: AsyncSession, channel: str, scope: str) -> db.ChannelState:
         state = await s.get(db.ChannelState, channel)
         if state is None:
-            first = next(iter(self.catalog.trained()), None)
+            first = next(iter(self.catalog.trained(scope)), None)
             state = db.ChannelState(
                 channel_id=channel,
                 character_key=first.key if first else None,
@@ -383,15 +344,16 @@ class ChatService:
         )
         return list(rows)
 
-    def _voice(self, state: db.ChannelState) -> _Voice:
-        char = self.catalog.characters.get(state.character_key or "")
-        if char is not None:
+    def _voice(self, state: db.ChannelState, scope: str) -> _Voice:
+        """Who speaks: the channel's character if `scope` sees it, else its persona."""
+        char = self.catalog.get(state.character_key or "")
+        if char is not None and char.visible_in(scope):
             trained = char.status == "trained"
             return _Voice(
                 Speaker(char.name, char.card.avatar_url),
                 system_prompt(char.card),
                 char.key if trained else None,
-                {} if trained else dict(char.fused_from),
+                {} if trained else dict(char.mix),
                 char.card.greeting,
             )
         persona = state.persona or "a helpful assistant"

@@ -15,7 +15,13 @@ class Author:
     name: str
     """Display name, shown to the character in the history."""
     moderator: bool = False
-    """May submit and train characters (the front end decides, e.g. Manage Server)."""
+    """May submit and train the characters of `scope` (the front end decides, e.g. Manage
+    Server)."""
+    owner: bool = False
+    """May manage the shared cast, seen in every scope (the bot's owners; the terminal
+    user)."""
+    scope: str = "local"
+    """Where the author acts: `guild:<id>` in a Discord server, `local` in the terminal."""
 
 
 @dataclass(frozen=True)
@@ -67,5 +73,6 @@ class CharacterInfo:
     avatar_url: str = ""
 
 
-TextCallback = Callable[[str], Awaitable[None]]
-"""Called with the whole reply text so far, whenever it grows (streaming)."""
+TextCallback = Callable[[Speaker, str], Awaitable[None]]
+"""Called with who speaks and the whole reply text so far, whenever it grows (streaming):
+the speaker comes with the text, so a front end never asks the service mid-reply."""

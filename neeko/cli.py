@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--user", default="you", help="your name in the conversation")
     chat.add_argument("--max-new-tokens", type=int, default=None)
     chat.set_defaults(func=_chat)
+    from neeko.cli_serving import add_commands
     from neeko.dbcli import add_commands as add_db_commands
-    from neeko.serve import add_commands
 
     add_commands(sub)
     add_db_commands(sub)
@@ -153,14 +153,21 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
     )
 
 
+def read_card_file(path: str):  # noqa: ANN201 (CharacterCard is imported lazily)
+    """A card from a file (see `neeko.cards.read_card_file`)."""
+    from neeko.cards import read_card_file as read
+
+    return read(path)
+
+
 def _characters(args: argparse.Namespace) -> int:
-    from neeko.characters import Catalog
-    from neeko.workflows import CAST_STORE
+    from neeko.catalog import Catalog
+    from neeko.runtime import CAST_STORE
 
     catalog = Catalog.open(args.store or CAST_STORE)
     rows = [
-        {"name": c.name, "aliases": list(c.card.aliases), "status": c.status}
-        for c in catalog.characters.values()
+        {"name": c.name, "aliases": list(c.card.aliases), "status": c.status, "scope": c.scope}
+        for c in catalog.visible()
     ]
     if args.json:
         print(json.dumps(rows, ensure_ascii=False))
@@ -171,7 +178,8 @@ def _characters(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from neeko.workflows import CAST_STORE, shared_baseline, train_cast, train_store
+    from neeko.runtime import CAST_STORE
+    from neeko.store_ops import shared_baseline, train_cast, train_store
 
     cfg = _train_config(args)
     if args.baseline:
@@ -188,7 +196,7 @@ def _train(args: argparse.Namespace) -> int:
             raise _usage("train needs --cast, or --store with --cards and --data")
         catalog, report = train_store(
             args.store,
-            [_read_card(p) for p in args.cards],
+            [read_card_file(p) for p in args.cards],
             _dialogues(args.data),
             args.model,
             cfg,
@@ -205,11 +213,11 @@ def _train(args: argparse.Namespace) -> int:
 def _members(args: argparse.Namespace) -> list:
     from neeko.characters import read_cast
     from neeko.dialogues import read_dialogues
-    from neeko.workflows import group_by_character
+    from neeko.store_ops import group_by_character
 
     if args.cast:
         return [(m.card, read_dialogues(m.train)) for m in read_cast()]
-    return group_by_character([_read_card(p) for p in args.cards], _dialogues(args.data))
+    return group_by_character([read_card_file(p) for p in args.cards], _dialogues(args.data))
 
 
 def _dialogues(paths: list[str]) -> list:
@@ -226,38 +234,27 @@ def _usage(message: str) -> Exception:
 
 def _expand(args: argparse.Namespace) -> int:
     from neeko.dialogues import read_dialogues
-    from neeko.workflows import expand_store
+    from neeko.store_ops import expand_store
 
-    card = _read_card(args.card)
+    card = read_card_file(args.card)
     rt, report = expand_store(
         args.store, card, read_dialogues(args.data), args.model, _train_config(args), args.device
     )
     print(
-        f"{card.name}: trained block {rt.catalog.find(card.name).block} in {report.steps} "
+        f"{card.name}: trained block {rt.slots[rt.catalog.find(card.name).key]} in {report.steps} "
         f"steps (final loss {report.final_loss:.3f}); other blocks unchanged"
     )
     return 0
 
 
-def _read_card(path: str):  # noqa: ANN202 (CharacterCard is imported lazily)
-    from neeko.cards import parse_card
-    from neeko.errors import CardError
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from None
-    return parse_card(data, path)
-
-
 def _fuse(args: argparse.Namespace) -> int:
     from neeko.gating import GateConfig
-    from neeko.workflows import fuse_card
+    from neeko.store_ops import fuse_card
 
-    card = _read_card(args.card)
+    card = read_card_file(args.card)
     catalog, seconds = fuse_card(args.store, card, GateConfig(policy=args.gate))
-    weights = catalog.find(card.name).fused_from
-    mix = ", ".join(f"{catalog.characters[k].name} {w:.2f}" for k, w in weights.items())
+    weights = catalog.find(card.name).mix
+    mix = ", ".join(f"{catalog.require(k).name} {w:.2f}" for k, w in weights.items())
     print(
         f"{card.name}: fused from {mix or 'nothing (no trained characters)'} "
         f"in {seconds * 1e3:.0f} ms"
@@ -266,7 +263,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from neeko.workflows import eval_cast, eval_store, read_roles
+    from neeko.store_ops import eval_cast, eval_store, read_roles
 
     if args.cast:
         result = eval_cast(args.model, device=args.device)
@@ -294,9 +291,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Every starter-cast member and a fused persona answer one question, in one batch."""
-    from neeko.characters import Catalog, system_prompt
+    from neeko.catalog import Catalog
+    from neeko.characters import system_prompt
     from neeko.engine import GenerationRequest, SamplingParams
-    from neeko.workflows import CAST_STORE, open_runtime, untrained_cast_runtime
+    from neeko.runtime import CAST_STORE, open_runtime, untrained_cast_runtime
 
     store = Path(args.store) if args.store else CAST_STORE
     trained_on = Catalog.open(store).model if (store / "manifest.json").exists() else ""
@@ -318,14 +316,12 @@ def _demo(args: argparse.Namespace) -> int:
     sampling = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=7
     )
-    speakers = [
-        (c.name, system_prompt(c.card), rt.catalog.gate(c.key)) for c in rt.catalog.trained()
-    ]
+    speakers = [(c.name, system_prompt(c.card), rt.gate(c.key)) for c in rt.catalog.trained()]
     speakers.append(
         (
             f"(fused) {DEMO_PERSONA}",
             f"You are {DEMO_PERSONA}.",
-            rt.catalog.persona_gate(DEMO_PERSONA),
+            rt.persona_gate(DEMO_PERSONA),
         )
     )
     requests = [

@@ -67,17 +67,23 @@ def _now() -> dt.datetime:
 
 
 class CharacterRow(Base):
-    """A character submitted by a moderator (the starter cast lives in its store)."""
+    """A character submitted by a moderator (the starter cast lives in its store).
+
+    Written only by `neeko.moderation`, in step with the catalog (`neeko.catalog`).
+    """
 
     __tablename__ = "characters"
 
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
+    scope: Mapped[str] = mapped_column(String(40), server_default="shared", index=True)
+    """`shared`, `local` (the terminal) or `guild:<id>`."""
+    name: Mapped[str] = mapped_column(String(128))
     card: Mapped[dict[str, Any]] = mapped_column(JSON)
     """The card as `CharacterCard.to_dict()`."""
     status: Mapped[str] = mapped_column(String(16), default="fused")
     """fused | training | trained."""
-    fused_from: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    mix: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    """A fused character's gate mix over trained characters' keys."""
     submitted_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[dt.datetime] = mapped_column(

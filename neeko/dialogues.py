@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from neeko.cards import CharacterCard
+from neeko.cards import MAX_JSON_DEPTH, CharacterCard, json_depth
 from neeko.errors import NeekoError
 
 IGNORE = -100
+MAX_DIALOGUE_MESSAGES = 200
+"""Messages (turns) in one dialogue."""
+MAX_MESSAGE_CHARS = 8_000
+"""Characters in one message's content."""
+MAX_JOB_DIALOGUES = 2_000
+"""Dialogues in one training job."""
+MAX_JOB_TOKENS = 200_000
+"""Tokens of message content in one training job (the default of `job_dialogues`)."""
+MAX_JOB_BYTES = 5_000_000
+"""Size of a dialogue file uploaded for a training job."""
 TURN = re.compile(
     r"(?P<name>[^\n<>]+?) \((?P<mode>speaking|thinking|actions?)\):\s*(?P<text>.*?)<\|eot\|>", re.S
 )
@@ -65,14 +75,26 @@ def parse_jsonl(text: str, source: str) -> list[Dialogue]:
         if not line.strip():
             continue
         where = f"{source}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: each line must be a JSON object")
-        out.append(parse_dialogue(obj, where))
+        out.append(parse_dialogue(_load_line(line, where), where))
     return out
+
+
+def _load_line(line: str, where: str) -> dict:
+    """One JSONL line as an object nested at most MAX_JSON_DEPTH levels; errors name `where`."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(
+            f"{where}: JSON nested too deeply; the limit is {MAX_JSON_DEPTH} levels"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: each line must be a JSON object")
+    depth = json_depth(obj)
+    if depth > MAX_JSON_DEPTH:
+        raise DataError(f"{where}: JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
+    return obj
 
 
 def parse_dialogue(obj: dict, where: str) -> Dialogue:
@@ -90,6 +112,7 @@ def _parse_chat(obj: dict, where: str) -> Dialogue:
         raise DataError(f"{where}: 'character' must be a non-empty string")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
+    _check_count(len(messages), where)
     turns = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
@@ -98,6 +121,7 @@ def _parse_chat(obj: dict, where: str) -> Dialogue:
             raise DataError(
                 f"{where}: message {i} needs role 'user' or 'character' and string content"
             )
+        _check_chars(content, f"{where}: message {i}")
         turns.append((role, content))
     if not any(role == "character" for role, _ in turns):
         raise DataError(f"{where}: no 'character' turn to learn from")
@@ -124,7 +148,31 @@ def _parse_prompted(obj: dict, where: str) -> Dialogue:
             turns.append((role, text))
     if turns[0][0] == "character":
         turns.insert(0, ("user", "..."))
+    _check_count(len(turns), where)
+    for i, (_, text) in enumerate(turns):
+        _check_chars(text, f"{where}: turn {i}")
     return Dialogue(name, turns, where)
+
+
+def _check_count(n: int, where: str) -> None:
+    if n > MAX_DIALOGUE_MESSAGES:
+        raise DataError(
+            f"{where}: the dialogue has {n} messages; the limit is {MAX_DIALOGUE_MESSAGES}"
+        )
+
+
+def _check_chars(text: str, label: str) -> None:
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise DataError(
+            f"{label} is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}"
+        )
+
+
+def _check_dialogue(dialogue: Dialogue) -> None:
+    """Raise DataError, naming the source, if `dialogue` has too many or too long messages."""
+    _check_count(len(dialogue.messages), dialogue.source)
+    for i, (_, text) in enumerate(dialogue.messages):
+        _check_chars(text, f"{dialogue.source}: message {i}")
 
 
 @dataclass
@@ -140,30 +188,81 @@ class Example:
 def encode(
     tokenizer: PreTrainedTokenizerBase, system: str, dialogue: Dialogue, max_length: int = 1024
 ) -> Example:
-    """Tokenise `dialogue` as the engine would prompt it, labelling the character's turns."""
-    messages = [{"role": "system", "content": system}]
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
+    """Tokenise `dialogue` as the engine would prompt it, labelling the character's turns.
+
+    The result is cut at `max_length` tokens, and rendering stops there: the cost is bounded
+    by `max_length`, whatever the length of the dialogue.
+    """
+    enc = _Encoder(tokenizer, system, dialogue.source)
     for role, text in dialogue.messages:
+        room = max_length - len(enc.ids)
+        if room <= 0:
+            break
         if role == "user":
-            messages.append({"role": "user", "content": text})
-            continue
-        prompt = _render(tokenizer, messages, generation_prompt=True)
-        messages.append({"role": "assistant", "content": text})
-        full = _render(tokenizer, messages, generation_prompt=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise DataError(f"{dialogue.source}: the chat template is not prefix-stable")
-        context = tokenizer.encode(prompt[len(rendered) :], add_special_tokens=False)
-        target = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
-        ids += context + target
-        labels += [IGNORE] * len(context) + _until_eos(target, tokenizer.eos_token_id)
-        rendered = full
-    if len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
+            enc.add_user(text, room)
+        elif enc.pending > room:  # the user turns before this reply fill the rest
+            enc.add_context()
+            break
+        else:
+            enc.add_reply(text)
+    ids, labels = enc.ids[:max_length], enc.labels[:max_length]
     if all(label == IGNORE for label in labels):
         raise DataError(f"{dialogue.source}: no character tokens within {max_length} tokens")
     return Example(ids, labels, dialogue.character)
+
+
+@dataclass
+class _Encoder:
+    """The ids and labels of a dialogue so far, rendered one character turn at a time."""
+
+    tokenizer: PreTrainedTokenizerBase
+    system: str
+    source: str
+    messages: list[dict] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    rendered: str = ""
+    """The chat-template text of the turns already in `ids`."""
+    pending: int = 0
+    """User turns added since the last reply."""
+
+    def __post_init__(self) -> None:
+        self.messages.append({"role": "system", "content": self.system})
+
+    def add_user(self, text: str, room: int) -> None:
+        """Queue a user turn; past `room` + 1 of them, more cannot reach the cut."""
+        if self.pending <= room:  # each turn renders as one token at least
+            self.messages.append({"role": "user", "content": text})
+            self.pending += 1
+
+    def add_reply(self, text: str) -> None:
+        """Add the queued user turns as context, then the character's reply as target."""
+        prompt = _render(self.tokenizer, self.messages, generation_prompt=True)
+        self.messages.append({"role": "assistant", "content": text})
+        full = _render(self.tokenizer, self.messages, generation_prompt=False)
+        self._check_prefix(prompt)
+        self._check_prefix(full, prompt)
+        context = self._tokens(prompt[len(self.rendered) :])
+        target = self._tokens(full[len(prompt) :])
+        self.ids += context + target
+        self.labels += [IGNORE] * len(context) + _until_eos(target, self.tokenizer.eos_token_id)
+        self.rendered, self.pending = full, 0
+
+    def add_context(self) -> None:
+        """Add the queued user turns as context only (they run past the cut)."""
+        text = _render(self.tokenizer, self.messages, generation_prompt=False)
+        self._check_prefix(text)
+        context = self._tokens(text[len(self.rendered) :])
+        self.ids += context
+        self.labels += [IGNORE] * len(context)
+        self.rendered, self.pending = text, 0
+
+    def _check_prefix(self, text: str, prefix: str | None = None) -> None:
+        if not text.startswith(self.rendered if prefix is None else prefix):
+            raise DataError(f"{self.source}: the chat template is not prefix-stable")
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _render(
@@ -188,26 +287,69 @@ def batches(examples: list[Example], size: int) -> Iterator[list[Example]]:
         yield examples[i : i + size]
 
 
-def job_dialogues(card: CharacterCard, data: bytes | None) -> list[dict]:
-    """Chat-format dialogues for an expansion job: the uploaded JSONL, else the card's examples."""
-    dialogues: list[Dialogue] = []
-    if data:
-        if len(data) > 5_000_000:
-            raise DataError("the dialogue file is over 5 MB")
-        dialogues = parse_jsonl(data.decode("utf-8", errors="replace"), "dialogues")
-        for d in dialogues:
-            if d.character != card.name:
-                raise DataError(f"{d.source}: a dialogue of {d.character!r}, not {card.name!r}")
-    else:
-        dialogues = card_examples(card)
+def job_dialogues(
+    card: CharacterCard,
+    data: bytes | None,
+    *,
+    max_tokens: int = MAX_JOB_TOKENS,
+    count_tokens: Callable[[str], int] | None = None,
+) -> list[dict]:
+    """Chat-format dialogues for an expansion job: the uploaded JSONL, else the card's examples.
+
+    Args:
+        card: The character the job trains.
+        data: An uploaded JSONL file of the character's dialogues, or None.
+        max_tokens: The most tokens of message content a job takes.
+        count_tokens: Counts the tokens of a text; without it a message counts
+            len(text) // 4 + 1.
+
+    Raises:
+        DataError: The dialogues are malformed, another character's, or past a limit.
+    """
+    dialogues = _uploaded(card, data) if data else card_examples(card)
     if not dialogues:
         raise DataError(
             f"{card.name} has no example dialogues in its card; attach a JSONL file of dialogues"
         )
+    if len(dialogues) > MAX_JOB_DIALOGUES:
+        raise DataError(
+            f"there are {len(dialogues):,} dialogues; a training job takes at most "
+            f"{MAX_JOB_DIALOGUES:,}"
+        )
+    for d in dialogues:
+        _check_dialogue(d)
+    _check_tokens(dialogues, max_tokens, count_tokens)
     return [
         {"character": card.name, "messages": [{"role": r, "content": t} for r, t in d.messages]}
         for d in dialogues
     ]
+
+
+def _uploaded(card: CharacterCard, data: bytes) -> list[Dialogue]:
+    """The dialogues of an uploaded JSONL file, all of them `card`'s."""
+    if len(data) > MAX_JOB_BYTES:
+        raise DataError(f"the dialogue file is over {MAX_JOB_BYTES // 1_000_000} MB")
+    dialogues = parse_jsonl(data.decode("utf-8", errors="replace"), "dialogues")
+    for d in dialogues:
+        if d.character != card.name:
+            raise DataError(f"{d.source}: a dialogue of {d.character!r}, not {card.name!r}")
+    return dialogues
+
+
+def _check_tokens(
+    dialogues: list[Dialogue], max_tokens: int, count_tokens: Callable[[str], int] | None
+) -> None:
+    """Raise DataError if the messages hold more than `max_tokens` tokens (early exit)."""
+    count = count_tokens or (lambda text: len(text) // 4 + 1)
+    total = 0
+    for d in dialogues:
+        for _, text in d.messages:
+            total += count(text)
+            if total > max_tokens:
+                raise DataError(
+                    f"the dialogues hold at least {total:,} tokens; a training job takes at most "
+                    f"{max_tokens:,}"
+                )
 
 
 def card_examples(card: CharacterCard) -> list[Dialogue]:

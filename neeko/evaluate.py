@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from neeko.characters import Catalog, Character
+from neeko.catalog import Catalog
+from neeko.characters import Character
 from neeko.dialogues import Dialogue, Example
 from neeko.gating import GateConfig
 from neeko.lora import Gate, LoRABank
 from neeko.model import LoadedModel
 from neeko.train import character_examples, token_nll
+
+if TYPE_CHECKING:
+    from neeko.runtime import Runtime
 
 
 @dataclass
@@ -30,21 +35,20 @@ class Shared:
 
 
 def evaluate(
-    catalog: Catalog,
-    loaded: LoadedModel,
-    bank: LoRABank,
+    rt: Runtime,
     heldout: dict[str, list[Dialogue]],
     shared: Shared | None = None,
     roles: list[tuple[str, str]] | None = None,
 ) -> dict:
     """The eval table: {"characters": {NAME: {...}}, "mean": {...}, "role_accuracy": ...}."""
+    catalog, loaded, bank = rt.catalog, rt.loaded, rt.bank
     table: dict[str, dict[str, float]] = {}
     for key, dialogues in heldout.items():
-        char = catalog.characters[key]
+        char = catalog.require(key)
         examples = character_examples(loaded, char.card, dialogues, block=-1)
         row = {
-            "nll_own": _nll(loaded, bank, examples, catalog.gate(key)),
-            "nll_fused": _nll(loaded, bank, examples, _as_unseen(catalog, char)),
+            "nll_own": _nll(loaded, bank, examples, rt.gate(key)),
+            "nll_fused": _nll(loaded, bank, examples, _as_unseen(rt, char)),
             "nll_base": _nll(loaded, None, examples, {}),
         }
         if shared is not None:
@@ -75,10 +79,10 @@ def _nll(loaded: LoadedModel, bank: LoRABank | None, examples: list[Example], ga
     return total / count
 
 
-def _as_unseen(catalog: Catalog, char: Character) -> Gate:
+def _as_unseen(rt: Runtime, char: Character) -> Gate:
     """The fusion gate `char` would get if its own block did not exist."""
-    query = catalog.embeddings[char.key]
-    return catalog.gate_from_weights(catalog.fusion_weights(query, exclude=(char.key,)))
+    query = rt.catalog.embedding(char.key)
+    return rt.mix_gate(rt.catalog.fusion_weights(query, exclude=(char.key,)))
 
 
 def role_accuracy(
@@ -89,5 +93,5 @@ def role_accuracy(
     for description, name in roles:
         weights = catalog.fusion_weights(catalog.encoder.encode([description])[0], config)
         best = max(weights, key=weights.get) if weights else None
-        hits += best is not None and catalog.characters[best].name == name
+        hits += best is not None and catalog.require(best).name == name
     return hits / len(roles)

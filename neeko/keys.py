@@ -10,6 +10,8 @@ WORKERS = "workers"
 """Consumer group of the inference workers on `TURNS`."""
 DEAD = PREFIX + "dead"
 """Stream of turns that failed too many times (dead letters)."""
+DEAD_JOBS = PREFIX + "dead-jobs"
+"""Stream of expansion jobs whose payload is not a valid job (dropped, with the error)."""
 TRAIN = PREFIX + "train"
 """Stream of expansion jobs (consumer group `TRAINERS`)."""
 TRAINERS = "trainers"
@@ -19,12 +21,21 @@ EVENTS = PREFIX + "events"
 ALIVE = PREFIX + "alive"
 """Sorted set: worker name -> time of its last heartbeat."""
 STATS = PREFIX + "stats"
-"""Hash of counters: turns, steps, step_rows, dead, jobs_done, jobs_failed."""
+"""Hash of counters: turns, steps, step_rows, failed, dead, jobs_done, jobs_queued,
+jobs_failed."""
 
 
 def reply(turn_id: str) -> str:
     """Stream of one turn's reply events (chunks, then `done` or `error`); it expires."""
     return f"{PREFIX}reply:{turn_id}"
+
+
+def sent(turn_id: str) -> str:
+    """Hash: delivery tag -> chunks of it in the reply stream (a retried publish adds none).
+
+    It expires with the reply stream.
+    """
+    return f"{PREFIX}sent:{turn_id}"
 
 
 def result(turn_id: str) -> str:
@@ -55,3 +66,8 @@ def job_events(job_id: str) -> str:
 def block(key: str) -> str:
     """A trained character's block (safetensors bytes), for workers on any machine."""
     return f"{PREFIX}block:{key}"
+
+
+def applied(token: str) -> str:
+    """Marks a write that a retry must not repeat (counters) as done; it expires."""
+    return f"{PREFIX}applied:{token}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,8 @@ Gate = Mapping[int, float]
 BLOCK_FORMAT = "neeko-block"
 BLOCK_VERSION = "1"
 ALL_LINEAR = "all-linear"
+BLOCK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The tensor dtypes a block may hold; anything else is refused, never converted."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,38 @@ def _few(names: Sequence[str]) -> str:
     return "[" + ", ".join(names[:3]) + (f", ... ({len(names)} in all)]" if len(names) > 3 else "]")
 
 
+def _check_values(label: str, t: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a tensor of a dtype not in BLOCK_DTYPES, or not finite once converted to `dtype`."""
+    if t.dtype not in BLOCK_DTYPES:
+        raise BlockFormatError(
+            f"{label} is {_dtype_name(t.dtype)}; block weights must be "
+            f"{', '.join(map(_dtype_name, BLOCK_DTYPES))}"
+        )
+    if not torch.isfinite(t.to(dtype)).all():
+        converted = (
+            "" if t.dtype == dtype else f" once converted to the bank's {_dtype_name(dtype)}"
+        )
+        raise BlockFormatError(f"{label}: block weights hold NaN or inf{converted}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_block_path(path: Path) -> None:
+    """Refuse a block path that is missing, a symbolic link or not a regular file (unopened)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise BlockFormatError(f"{path}: no such block file") from None
+    except OSError as exc:
+        raise BlockFormatError(f"{path}: cannot read the block file ({exc})") from None
+    if stat.S_ISLNK(mode):
+        raise BlockFormatError(f"{path} is a symbolic link; block files must be regular files")
+    if not stat.S_ISREG(mode):
+        raise BlockFormatError(f"{path} is not a regular file")
+
+
 def _resized(t: Tensor, rows: int) -> Tensor:
     out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
     out[: t.shape[0]] = t
@@ -382,7 +417,7 @@ class LoRABank(nn.Module):
     def set_block(self, k: int, weights: Mapping[str, tuple[Tensor, Tensor]]) -> None:
         """Overwrite block `k`; every module's weights are checked before any is written."""
         self._check_index(k)
-        self._check_weights(weights)
+        self.check_weights(weights)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 a, b = weights[name]
@@ -391,7 +426,7 @@ class LoRABank(nn.Module):
 
     def add_block(self, weights: Mapping[str, tuple[Tensor, Tensor]]) -> int:
         """Append one block holding `weights` (checked first; the bank is unchanged on error)."""
-        self._check_weights(weights)
+        self.check_weights(weights)
         (k,) = self.add_blocks(1, init="zeros")
         self.set_block(k, weights)
         return k
@@ -422,7 +457,8 @@ class LoRABank(nn.Module):
         if not isinstance(k, int) or not 0 <= k < self.n_blocks:
             raise GateError(f"block {k!r} does not exist (bank has {self.n_blocks})")
 
-    def _check_weights(self, weights: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    def check_weights(self, weights: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Raise BlockFormatError unless `weights` fit every layer (names, shapes, values)."""
         missing = [n for n in self.layers if n not in weights]
         extra = [n for n in weights if n not in self.layers]
         if missing or extra:
@@ -438,8 +474,8 @@ class LoRABank(nn.Module):
                     f"{name}: expected A {want_a} and B {want_b}, got "
                     f"A {tuple(a.shape)} and B {tuple(b.shape)}"
                 )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise BlockFormatError(f"{name}: block weights hold NaN or inf")
+            for part, t in (("lora_A", a), ("lora_B", b)):
+                _check_values(f"{name}.{part}", t, layer.A.dtype)
 
     # -- files -------------------------------------------------------------------------
 
@@ -471,8 +507,13 @@ class LoRABank(nn.Module):
         return path
 
     def read_block(self, path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
-        """Read and check a block file written by `save_block`; the bank is not changed."""
+        """Read and check a block file written by `save_block`; the bank is not changed.
+
+        The file must be a regular file (not a symbolic link) holding float32, float16 or
+        bfloat16 tensors that stay finite in the bank's dtype; raises BlockFormatError.
+        """
         path = Path(path)
+        _check_block_path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -505,7 +546,7 @@ class LoRABank(nn.Module):
         if len(tensors) != 2 * len(names):
             raise BlockFormatError(f"{path}: unexpected tensors besides lora_A / lora_B pairs")
         try:
-            self._check_weights(weights)
+            self.check_weights(weights)
         except BlockFormatError as exc:
             raise BlockFormatError(f"{path}: {exc}") from None
         return weights

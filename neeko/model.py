@@ -137,6 +137,17 @@ def load_tokenizer(spec: str = "default") -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"no tokenizer for model {spec!r}: {exc}") from None
 
 
+def context_tokens(spec: str = "default") -> int:
+    """How many positions the model of `spec` attends over (prompt and reply together)."""
+    if spec == "tiny":
+        return 2048  # tiny_model's max_position_embeddings
+    source = str(default_model_dir()) if spec == "default" else spec
+    try:
+        return int(AutoConfig.from_pretrained(source).max_position_embeddings)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"no model config for {spec!r}: {exc}") from None
+
+
 def _load(spec: str, dt: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec == "default":
         folder = default_model_dir()

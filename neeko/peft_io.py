@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from neeko.errors import BlockFormatError, GateError
-from neeko.lora import Gate, LoRABank
+from neeko.lora import BLOCK_DTYPES, Gate, LoRABank
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -91,7 +91,14 @@ def read_adapter(bank: LoRABank, adapter_dir: str | Path) -> dict[str, tuple[Ten
         if a_key in tensors:
             if b_key not in tensors:
                 raise BlockFormatError(f"{folder}: {name} has lora_A but no lora_B")
-            ta, tb = tensors.pop(a_key).float(), tensors.pop(b_key).float()
+            ta, tb = tensors.pop(a_key), tensors.pop(b_key)
+            for key, t in ((a_key, ta), (b_key, tb)):
+                if t.dtype not in BLOCK_DTYPES:
+                    raise BlockFormatError(
+                        f"{folder}: {key} is {t.dtype}; adapter weights must be float32, "
+                        "float16 or bfloat16"
+                    )
+            ta, tb = ta.float(), tb.float()
             if ta.shape != (r, layer.in_features) or tb.shape != (layer.out_features, r):
                 raise BlockFormatError(
                     f"{folder}: {name} expects A {(r, layer.in_features)} and B "
@@ -105,7 +112,7 @@ def read_adapter(bank: LoRABank, adapter_dir: str | Path) -> dict[str, tuple[Ten
             f"{folder}: adapter has weights for modules this bank does not wrap ({extra}...); "
             f"bank targets {list(bank.config.targets)}"
         )
-    bank._check_weights(weights)
+    bank.check_weights(weights)
     return weights
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from neeko.cards import CharacterCard
+from neeko.characters import KEY_PATTERN
 from neeko.engine import FinishReason, SamplingParams
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -88,10 +90,17 @@ class ReplyEvent(_Model):
     """Why the turn failed (`error`)."""
 
 
+Key = Annotated[str, Field(pattern=KEY_PATTERN)]
+Scope = Annotated[str, Field(pattern=r"^(shared|local|guild:\d{1,20})$")]
+
+
 class TrainJob(_Model):
     """An expansion job: give a character its own block, trained on its dialogues."""
 
     id: Id
+    key: Key
+    """The character's storage key, given by the catalog that queued the job."""
+    scope: Scope = "shared"
     card: dict
     """The character card (`CharacterCard.to_dict()`)."""
     dialogues: list[dict] = Field(min_length=1)
@@ -100,6 +109,11 @@ class TrainJob(_Model):
     lr: float = Field(2e-3, gt=0, le=1)
     max_steps: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _valid_card(self) -> TrainJob:
+        CharacterCard.from_dict(self.card)  # a CardError is a ValueError: invalid payload
+        return self
 
 
 JobState = Literal["queued", "running", "done", "failed"]
@@ -120,9 +134,16 @@ class JobStatus(_Model):
 
 
 class CatalogEvent(_Model):
-    """A character got a trained block (its bytes are under `keys.block(key)`)."""
+    """A change to a character, for the catalogs of other processes.
 
-    kind: Literal["trained"] = "trained"
-    key: str
-    card: dict
+    `added`: a fused character (its card and mix); `training`; `trained`: it has its own
+    block (its bytes are under `keys.block(key)`); `failed`: training ended without one;
+    `removed`.
+    """
+
+    kind: Literal["added", "training", "trained", "failed", "removed"]
+    key: Key
+    scope: Scope = "shared"
+    card: dict | None = None
+    mix: dict[str, float] = Field(default_factory=dict)
     job: str = ""

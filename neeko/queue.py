@@ -1,18 +1,20 @@
-"""The turn queue between front ends and workers: Redis Streams, or in-process asyncio.
+"""The turn queue between front ends and inference workers.
 
-One interface, `TurnQueue`, two implementations:
+`TurnQueue` is what the chat service and the workers share; two implementations:
 
-- `RedisQueue` (when `REDIS_URL` is set): turns go on a stream read by a consumer group of
-  workers (`XREADGROUP`). A worker streams reply chunks to the turn's reply stream, writes
-  the final event once (`SET NX`, in one script with its publication) and acknowledges the
-  turn. Delivery is at-least-once and replies are at-most-once: a redelivered turn whose
-  result exists is re-published, not regenerated. A dead worker's turns are reclaimed with
-  `XAUTOCLAIM` (live workers keep theirs fresh with `XCLAIM ... JUSTID`); a turn started
-  `max_attempts` times goes to the dead-letter stream and its requester gets the error.
-- `LocalQueue`: the same protocol over asyncio queues, for the terminal chat and
+- `RedisTurnQueue` (`neeko.redis_queue`, when `REDIS_URL` is set): turns go on a stream read
+  by a consumer group of workers (`XREADGROUP`). A worker streams reply chunks to the turn's
+  reply stream, writes the final event once (`SET NX`, in one script with its publication)
+  and acknowledges the turn. Delivery is at-least-once and replies are at-most-once: a
+  redelivered turn whose result exists is re-published, not regenerated. A dead worker's
+  turns are reclaimed with `XAUTOCLAIM` (live workers keep theirs fresh with
+  `XCLAIM ... JUSTID`); a turn started `max_attempts` times goes to the dead-letter stream
+  and its requester gets the error.
+- `LocalTurnQueue`: the same protocol over asyncio primitives, for the terminal chat and
   single-process bots.
 
-Expansion jobs, catalog events and block bytes travel through the same object.
+Training jobs (`neeko.jobs`) and catalog events (`neeko.events`) have interfaces of their
+own; `neeko.transport.open_transport` opens the three together.
 """
 
 from __future__ import annotations
@@ -21,18 +23,15 @@ import abc
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from neeko.errors import NeekoError
-from neeko.protocol import CatalogEvent, JobStatus, Reply, ReplyEvent, TrainJob, Turn
+from neeko.protocol import Reply, ReplyEvent, Turn
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 MAX_RESULTS = 100_000
 """The in-process queue remembers this many answered turns (for idempotent resubmission)."""
 
@@ -102,16 +101,6 @@ class Delivery:
 
 
 @dataclass(frozen=True)
-class JobDelivery:
-    """An expansion job handed to a trainer."""
-
-    job: TrainJob
-    msg_id: str
-    attempt: int
-    consumer: str = ""
-
-
-@dataclass(frozen=True)
 class Chunk:
     """A piece of reply text; `reset` means drop the text so far (a retried generation)."""
 
@@ -120,7 +109,7 @@ class Chunk:
 
 
 class TurnQueue(abc.ABC):
-    """What front ends, workers and trainers share."""
+    """What front ends (through the chat service) and inference workers share."""
 
     def __init__(self, config: QueueConfig | None = None) -> None:
         """A queue with `config` (delivery and retention settings)."""
@@ -210,54 +199,6 @@ class TurnQueue(abc.ABC):
     async def stats(self) -> dict:
         """Counters, queue lag and dead letters."""
 
-    # -- catalog events ------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def publish_block(self, event: CatalogEvent, data: bytes) -> None:
-        """Store a trained block and tell every worker about it."""
-
-    @abc.abstractmethod
-    async def read_events(self, after: str) -> list[tuple[str, CatalogEvent]]:
-        """Catalog events after the event id `after` ("0" for all), without waiting."""
-
-    @abc.abstractmethod
-    async def get_block(self, key: str) -> bytes:
-        """A trained block's safetensors bytes."""
-
-    # -- expansion jobs ------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def submit_job(self, job: TrainJob, character: str) -> JobStatus:
-        """Queue an expansion job (once per id)."""
-
-    @abc.abstractmethod
-    async def fetch_job(self, consumer: str, block_ms: int) -> JobDelivery | None:
-        """The next job to run, if any within `block_ms`."""
-
-    @abc.abstractmethod
-    async def update_job(self, status: JobStatus, delivery: JobDelivery | None = None) -> None:
-        """Record a job's progress (and refresh its claim, so it is not reclaimed)."""
-
-    @abc.abstractmethod
-    async def finish_job(self, delivery: JobDelivery, error: str | None = None) -> JobStatus:
-        """Mark a job done, or retry it (failed after `max_attempts`)."""
-
-    @abc.abstractmethod
-    async def job_status(self, job_id: str) -> JobStatus | None:
-        """A job's current status."""
-
-    async def watch_job(self, job_id: str, poll_s: float = 0.5) -> AsyncIterator[JobStatus]:
-        """Yield a job's status whenever it changes, until it is done or failed."""
-        last = None
-        while True:
-            status = await self.job_status(job_id)
-            if status is not None and status != last:
-                yield status
-                last = status
-                if status.state in ("done", "failed"):
-                    return
-            await asyncio.sleep(poll_s)
-
     async def close(self) -> None:  # noqa: B027
         """Release connections."""
 
@@ -276,37 +217,13 @@ async def stop_task(task: asyncio.Task, timeout: float = 5.0) -> None:
         log.warning("task %s failed: %r", task.get_name(), task.exception())
 
 
-async def _retry(what: str, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
-    """Run `fn`, retrying on Redis connection errors with backoff (until `deadline`)."""
-    import redis.exceptions as rex
+class LocalTurnQueue(TurnQueue):
+    """The turn queue protocol in one process, over asyncio primitives."""
 
-    delay = 0.05
-    while True:
-        try:
-            return await fn()
-        except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError) as exc:
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise
-            log.warning("redis unavailable during %s (%s); retrying in %.1f s", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-def open_queue(url: str | None = None, config: QueueConfig | None = None) -> TurnQueue:
-    """`RedisQueue` for `url` (default `$REDIS_URL`), else an in-process `LocalQueue`."""
-    url = url if url is not None else os.environ.get("REDIS_URL", "")
-    if url:
-        from neeko.redis_queue import RedisQueue
-
-        return RedisQueue(url, config)
-    return LocalQueue(config)
-
-
-class LocalQueue(TurnQueue):
-    """The queue protocol in one process, over asyncio primitives."""
-
-    def __init__(self, config: QueueConfig | None = None) -> None:
-        """An empty in-process queue."""
+    def __init__(
+        self, config: QueueConfig | None = None, counters: Counter[str] | None = None
+    ) -> None:
+        """An empty in-process queue; `counters` may be shared with a `LocalJobQueue`."""
         super().__init__(config)
         self._turns: asyncio.Queue[tuple[str, Turn]] = asyncio.Queue()
         self._replies: dict[str, list[ReplyEvent]] = defaultdict(list)
@@ -316,11 +233,7 @@ class LocalQueue(TurnQueue):
         self._seq = 0
         self.dead: list[tuple[Turn, str]] = []
         self._alive: dict[str, float] = {}
-        self._stats: Counter[str] = Counter()
-        self._events: list[CatalogEvent] = []
-        self._blocks: dict[str, bytes] = {}
-        self._jobs: asyncio.Queue[tuple[str, TrainJob]] = asyncio.Queue()
-        self._job_status: dict[str, JobStatus] = {}
+        self._stats: Counter[str] = Counter() if counters is None else counters
 
     async def _enqueue(self, turn: Turn) -> None:
         if turn.id in self._replies or turn.id in self._results:
@@ -436,79 +349,12 @@ class LocalQueue(TurnQueue):
 
     async def stats(self) -> dict:
         """Counters and queue length."""
-        return {**_derived(dict(self._stats)), "queued": self._turns.qsize()}
-
-    async def publish_block(self, event: CatalogEvent, data: bytes) -> None:
-        """Keep the block and record the event."""
-        self._blocks[event.key] = data
-        self._events.append(event)
-
-    async def read_events(self, after: str) -> list[tuple[str, CatalogEvent]]:
-        """Events after index `after`."""
-        start = int(after.split("-")[0]) if after != "0" else 0
-        return [(str(i + 1), e) for i, e in enumerate(self._events) if i >= start]
-
-    async def get_block(self, key: str) -> bytes:
-        """A stored block."""
-        return self._blocks[key]
-
-    async def submit_job(self, job: TrainJob, character: str) -> JobStatus:
-        """Queue a job once."""
-        if job.id not in self._job_status:
-            self._job_status[job.id] = JobStatus(id=job.id, character=character)
-            await self._jobs.put((job.id, job))
-        return self._job_status[job.id]
-
-    async def fetch_job(self, consumer: str, block_ms: int) -> JobDelivery | None:
-        """The next job."""
-        try:
-            msg_id, job = await asyncio.wait_for(self._jobs.get(), block_ms / 1000)
-        except TimeoutError:
-            return None
-        self._attempts[job.id] += 1
-        return JobDelivery(job, msg_id, self._attempts[job.id], consumer)
-
-    async def update_job(self, status: JobStatus, delivery: JobDelivery | None = None) -> None:
-        """Record progress."""
-        self._job_status[status.id] = status
-
-    async def finish_job(self, delivery: JobDelivery, error: str | None = None) -> JobStatus:
-        """Done, retried, or failed."""
-        status = await _finished(self, delivery, error)
-        if status.state == "queued":
-            await self._jobs.put((delivery.msg_id, delivery.job))
-        return status
-
-    async def job_status(self, job_id: str) -> JobStatus | None:
-        """A job's status."""
-        return self._job_status.get(job_id)
+        return {**mean_batch(dict(self._stats)), "queued": self._turns.qsize()}
 
 
-async def _finished(queue: TurnQueue, delivery: JobDelivery, error: str | None) -> JobStatus:
-    """Record the end of a job attempt: done, queued again, or failed for good."""
-    old = await queue.job_status(delivery.job.id) or JobStatus(id=delivery.job.id)
-    if error is None:
-        state, progress = "done", 1.0
-    else:
-        state = "failed" if delivery.attempt >= queue.config.max_attempts else "queued"
-        progress = old.progress
-    status = old.model_copy(
-        update={
-            "state": state,
-            "progress": progress,
-            "attempts": delivery.attempt,
-            "error": error or "",
-            "updated": time.time(),
-        }
-    )
-    await queue.update_job(status)
-    await queue.count(**{"jobs_done" if state == "done" else f"jobs_{state}": 1})
-    return status
-
-
-def _derived(stats: dict) -> dict:
-    """Counters plus the mean number of rows per decode step."""
-    out = {k: int(v) for k, v in stats.items()}
+def mean_batch(counters: dict) -> dict:
+    """Counters as ints, plus `mean_batch`: the mean number of rows per decode step."""
+    out = {k: int(v) for k, v in counters.items()}
     steps = out.get("steps", 0)
     out["mean_batch"] = round(out.get("step_rows", 0) / steps, 3) if steps else 0.0
     return out

@@ -1,44 +1,83 @@
-"""`TurnQueue` on Redis Streams: consumer groups, reclaiming, dead letters, expansion jobs.
+"""`TurnQueue` on Redis Streams: consumer groups, reclaiming, dead letters.
 
 Key names live in `neeko.keys`. Every multi-step state change that must not be torn by a
-crash (final reply + its publication + acknowledgement) runs as one Lua script.
+crash (final reply + its publication + acknowledgement) runs as one Lua script, and every
+write that a retry after a lost answer could repeat (a queued turn, a reply chunk, a
+counter, a dead letter) checks in its script whether it was done already.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-import redis.exceptions as rex
-from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from neeko import keys
-from neeko.protocol import CatalogEvent, JobStatus, Reply, ReplyEvent, TrainJob, Turn
-from neeko.queue import (
-    Delivery,
-    JobDelivery,
-    QueueConfig,
-    TurnQueue,
-    _derived,
-    _finished,
-    _retry,
-    log,
-    stop_task,
-)
+from neeko.protocol import Reply, ReplyEvent, Turn
+from neeko.queue import Delivery, QueueConfig, TurnQueue, mean_batch, stop_task
+from neeko.redis_client import DROP, UNAVAILABLE, ensure_group, retry
 
+log = logging.getLogger(__name__)
 READ_BLOCK_MS = 20
 """How long the shared reply reader blocks; a newly awaited stream joins within this."""
+APPLIED_TTL_S = 3600
+"""How long a counter update is remembered as applied (a retry within it adds nothing)."""
 
-# KEYS: result, reply stream, turn stream. ARGV: final event, ttl, group, message id.
-# Writes the final event once; publishes it only if this call wrote it; always acks.
+# KEYS: submitted marker, turn stream. ARGV: ttl, turn, stream cap.
+# Queues a turn unless its id was queued before (in one step: a retry never loses it).
+SUBMIT = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+return 1
+"""
+
+# KEYS: per chunk, its reply stream and that turn's `sent` hash. ARGV: ttl, then per chunk
+# its delivery tag, its number within the delivery (from 1) and its event.
+# Appends each chunk unless a chunk with its number (or a later one) is there already.
+PUBLISH = """
+local written = 0
+for i = 1, #KEYS / 2 do
+  local stream, sent = KEYS[2 * i - 1], KEYS[2 * i]
+  local tag, n, event = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), ARGV[3 * i + 1]
+  if tonumber(redis.call('HGET', sent, tag) or '0') < n then
+    redis.call('XADD', stream, '*', 'data', event)
+    redis.call('HSET', sent, tag, n)
+    redis.call('EXPIRE', stream, ARGV[1])
+    redis.call('EXPIRE', sent, ARGV[1])
+    written = written + 1
+  end
+end
+return written
+"""
+
+# KEYS: applied marker, stats hash. ARGV: ttl, then name, amount pairs.
+# Adds to the counters once per marker.
+COUNT = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS: result, reply stream, turn stream, dead-letter stream, stats hash.
+# ARGV: final event, ttl, group, message id, dead letter ('' if none), error, attempts,
+# dead-letter cap.
+# Writes the final event once; publishes it (and records the dead letter) only if this
+# call wrote it; always acks.
 FINISH = """
 local wrote = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
 if wrote then
   redis.call('XADD', KEYS[2], '*', 'data', ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*',
+               'data', ARGV[5], 'error', ARGV[6], 'attempts', ARGV[7])
+    redis.call('HINCRBY', KEYS[5], 'dead', 1)
+  end
 end
 if ARGV[4] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
@@ -63,59 +102,52 @@ redis.call('XDEL', KEYS[3], ARGV[3])
 return 1
 """
 
+# KEYS: turn stream. ARGV: group, message id, turn.
+# Queues a failed turn again, if this call is the one that acknowledges its delivery.
+REQUEUE = """
+local first = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1
+if first then redis.call('XADD', KEYS[1], '*', 'data', ARGV[3]) end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return first and 1 or 0
+"""
 
-class RedisQueue(TurnQueue):
-    """The queue on one Redis server (any number of front ends, workers and trainers)."""
 
-    def __init__(self, url: str, config: QueueConfig | None = None) -> None:
-        """Connect lazily to `url` (`redis://host:port/db`)."""
+class RedisTurnQueue(TurnQueue):
+    """The turn queue on one Redis server (any number of front ends and workers)."""
+
+    def __init__(self, client: aioredis.Redis, config: QueueConfig | None = None) -> None:
+        """A queue over `client` (`neeko.redis_client.connect`); the caller closes it."""
         super().__init__(config)
-        self.url = url
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=60, socket_connect_timeout=5, health_check_interval=15
-        )  # callers wait for a free connection instead of failing
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self._finish = self.redis.register_script(FINISH)
-        self._republish = self.redis.register_script(REPUBLISH)
-        self._groups_ready = False
+        self.redis = client
+        self._submit = client.register_script(SUBMIT)
+        self._publish = client.register_script(PUBLISH)
+        self._count = client.register_script(COUNT)
+        self._finish = client.register_script(FINISH)
+        self._republish = client.register_script(REPUBLISH)
+        self._requeue = client.register_script(REQUEUE)
+        self._drop = client.register_script(DROP)
+        self._group_ready = False
         self._last_claim = 0.0
+        self._sent: dict[str, int] = {}  # delivery tag -> chunks published
         self._waiters: dict[str, list] = {}  # reply stream -> [last id read, inbox]
         self._reader: asyncio.Task | None = None
 
     async def close(self) -> None:
-        """Stop the reply reader and close the connection pool."""
+        """Stop the reply reader (the client is closed by its owner)."""
         if self._reader is not None:
             await stop_task(self._reader)
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
 
-    async def _groups(self) -> None:
-        if self._groups_ready:
-            return
-        for stream, group in ((keys.TURNS, keys.WORKERS), (keys.TRAIN, keys.TRAINERS)):
-            try:
-                await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-        self._groups_ready = True
+    async def _group(self) -> None:
+        if not self._group_ready:
+            await ensure_group(self.redis, keys.TURNS, keys.WORKERS)
+            self._group_ready = True
 
     # -- front ends ----------------------------------------------------------------
 
     async def _enqueue(self, turn: Turn) -> None:
-        async def put() -> None:
-            first = await self.redis.set(
-                keys.submitted(turn.id), 1, nx=True, ex=self.config.reply_ttl_s
-            )
-            if first:
-                await self.redis.xadd(
-                    keys.TURNS,
-                    {"data": turn.model_dump_json()},
-                    maxlen=self.config.max_turns,
-                    approximate=True,
-                )
-
-        await _retry("submit", put)
+        args = [self.config.reply_ttl_s, turn.model_dump_json(), self.config.max_turns]
+        stream_keys = [keys.submitted(turn.id), keys.TURNS]
+        await retry("submit", lambda: self._submit(keys=stream_keys, args=args))
 
     async def _reply_events(self, turn_id: str, deadline: float) -> AsyncIterator[ReplyEvent]:
         """Events of one reply stream, read by the shared reader (one connection for all)."""
@@ -146,7 +178,7 @@ class RedisQueue(TurnQueue):
             streams = {s: w[0] for s, w in self._waiters.items()}
             try:
                 got = await self.redis.xread(streams, block=READ_BLOCK_MS)
-            except (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError) as exc:
+            except UNAVAILABLE as exc:
                 log.warning("redis unavailable while reading replies (%s)", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -169,7 +201,7 @@ class RedisQueue(TurnQueue):
         """
 
         async def read() -> list[Delivery]:
-            await self._groups()
+            await self._group()
             entries = await self._reclaim(consumer, count)
             if len(entries) < count:
                 try:
@@ -183,12 +215,12 @@ class RedisQueue(TurnQueue):
                 except ResponseError as exc:  # the server lost its data: recreate the group
                     if "NOGROUP" not in str(exc):
                         raise
-                    self._groups_ready = False
+                    self._group_ready = False
                     got = []
                 entries += [e for _, batch in got for e in batch]
             return await self._admit(entries)
 
-        return await _retry("fetch", read)
+        return await retry("fetch", read)
 
     async def _reclaim(self, consumer: str, count: int) -> list:
         """`XAUTOCLAIM` turns idle past `claim_idle_ms` (at most every few seconds)."""
@@ -212,8 +244,8 @@ class RedisQueue(TurnQueue):
             msg_id = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
             try:
                 turn = Turn.model_validate_json(fields[b"data"])
-            except (ValidationError, KeyError) as exc:
-                await self._drop_malformed(msg_id, fields, str(exc))
+            except Exception as exc:  # any payload that is not a turn (pydantic, recursion)
+                await self._drop_malformed(msg_id, fields, f"{type(exc).__name__}: {exc}")
                 continue
             args = [self.config.reply_ttl_s, keys.WORKERS, msg_id]
             stream_keys = [keys.result(turn.id), keys.reply(turn.id), keys.TURNS]
@@ -232,55 +264,53 @@ class RedisQueue(TurnQueue):
 
     async def _drop_malformed(self, msg_id: str, fields: dict, error: str) -> None:
         log.error("dead-lettering malformed turn %s: %s", msg_id, error)
+        stream_keys = [keys.TURNS, keys.DEAD, keys.STATS]
         raw = fields.get(b"data", b"")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(keys.DEAD, {"data": raw, "error": error[:2000]}, maxlen=self.config.max_dead)
-        pipe.xack(keys.TURNS, keys.WORKERS, msg_id)
-        pipe.xdel(keys.TURNS, msg_id)
-        pipe.hincrby(keys.STATS, "dead", 1)
-        await pipe.execute()
+        args = [keys.WORKERS, msg_id, raw, error[:2000], self.config.max_dead, "dead"]
+        await retry("drop", lambda: self._drop(keys=stream_keys, args=args))
 
     async def publish(self, chunks: list[tuple[Delivery, str]]) -> None:
-        """Append chunk events to reply streams, in one round trip."""
+        """Append chunk events to reply streams, in one round trip, each chunk once."""
         if not chunks:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        stream_keys: list[str] = []
+        args: list[str | int] = [self.config.reply_ttl_s]
         for d, text in chunks:
+            n = self._sent[d.tag] = self._sent.get(d.tag, 0) + 1
             event = ReplyEvent(kind="chunk", text=text, attempt=d.tag).model_dump_json()
-            pipe.xadd(keys.reply(d.turn.id), {"data": event})
-            pipe.expire(keys.reply(d.turn.id), self.config.reply_ttl_s)
-        await _retry("publish", pipe.execute)
+            stream_keys += [keys.reply(d.turn.id), keys.sent(d.turn.id)]
+            args += [d.tag, n, event]
+        await retry("publish", lambda: self._publish(keys=stream_keys, args=args))
 
     async def complete(self, delivery: Delivery, reply: Reply) -> bool:
         """Final event once (`SET NX`), published, then `XACK` + `XDEL`."""
         event = ReplyEvent(kind="done", reply=reply).model_dump_json()
-        return await self._final(delivery, event, delivery.msg_id)
+        return await self._final(delivery, event)
 
-    async def _final(self, delivery: Delivery, event: str, msg_id: str) -> bool:
+    async def _final(self, delivery: Delivery, event: str, dead: str = "", error: str = "") -> bool:
         turn_id = delivery.turn.id
-
-        async def run() -> int:
-            return await self._finish(
-                keys=[keys.result(turn_id), keys.reply(turn_id), keys.TURNS],
-                args=[event, self.config.reply_ttl_s, keys.WORKERS, msg_id],
-            )
-
-        return bool(await _retry("complete", run))
+        self._sent.pop(delivery.tag, None)
+        stream_keys = [keys.result(turn_id), keys.reply(turn_id), keys.TURNS, keys.DEAD, keys.STATS]
+        args = [
+            event,
+            self.config.reply_ttl_s,
+            keys.WORKERS,
+            delivery.msg_id,
+            dead,
+            error[:2000],
+            delivery.attempt,
+            self.config.max_dead,
+        ]
+        return bool(await retry("complete", lambda: self._finish(keys=stream_keys, args=args)))
 
     async def fail(self, delivery: Delivery, error: str) -> bool:
         """Queue the turn again, or dead-letter it after `max_attempts` starts."""
         if delivery.attempt >= self.config.max_attempts:
             await self._dead_letter(delivery, error)
             return True
-
-        async def again() -> None:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xadd(keys.TURNS, {"data": delivery.turn.model_dump_json()})
-            pipe.xack(keys.TURNS, keys.WORKERS, delivery.msg_id)
-            pipe.xdel(keys.TURNS, delivery.msg_id)
-            await pipe.execute()
-
-        await _retry("retry", again)
+        self._sent.pop(delivery.tag, None)
+        args = [keys.WORKERS, delivery.msg_id, delivery.turn.model_dump_json()]
+        await retry("retry", lambda: self._requeue(keys=[keys.TURNS], args=args))
         return False
 
     async def _dead_letter(self, delivery: Delivery, error: str) -> None:
@@ -290,24 +320,14 @@ class RedisQueue(TurnQueue):
             delivery.attempt,
             error,
         )
-        entry = {
-            "data": delivery.turn.model_dump_json(),
-            "error": error[:2000],
-            "attempts": delivery.attempt,
-        }
-        await _retry(
-            "dead-letter",
-            lambda: self.redis.xadd(keys.DEAD, entry, maxlen=self.config.max_dead),
-        )
-        await self.redis.hincrby(keys.STATS, "dead", 1)
         event = ReplyEvent(kind="error", error=error).model_dump_json()
-        await self._final(delivery, event, delivery.msg_id)
+        await self._final(delivery, event, delivery.turn.model_dump_json(), error)
 
     async def touch(self, consumer: str, deliveries: list[Delivery]) -> None:
         """Reset the idle time of turns in flight (`XCLAIM ... JUSTID`)."""
         if deliveries:
             ids = [d.msg_id for d in deliveries]
-            await _retry(
+            await retry(
                 "touch",
                 lambda: self.redis.xclaim(keys.TURNS, keys.WORKERS, consumer, 0, ids, justid=True),
             )
@@ -322,7 +342,7 @@ class RedisQueue(TurnQueue):
             pipe.zremrangebyscore(keys.ALIVE, "-inf", now - 86_400)
             await pipe.execute()
 
-        await _retry("heartbeat", beat)
+        await retry("heartbeat", beat)
 
     async def leave(self, consumer: str) -> None:
         """Remove `consumer` from the live set."""
@@ -331,20 +351,23 @@ class RedisQueue(TurnQueue):
     async def workers_alive(self) -> int:
         """Workers with a heartbeat within `alive_ttl_s`."""
         since = time.time() - self.config.alive_ttl_s
-        return int(await _retry("alive", lambda: self.redis.zcount(keys.ALIVE, since, "+inf")))
+        return int(await retry("alive", lambda: self.redis.zcount(keys.ALIVE, since, "+inf")))
 
     async def count(self, **counters: int) -> None:
-        """`HINCRBY` the shared counters."""
-        pipe = self.redis.pipeline(transaction=False)
+        """`HINCRBY` the shared counters, once even when the call is retried."""
+        if not counters:
+            return
+        marker = keys.applied(uuid.uuid4().hex)
+        args: list[str | int] = [APPLIED_TTL_S]
         for name, n in counters.items():
-            pipe.hincrby(keys.STATS, name, n)
-        await _retry("count", pipe.execute)
+            args += [name, n]
+        await retry("count", lambda: self._count(keys=[marker, keys.STATS], args=args))
 
     async def stats(self) -> dict:
         """Counters, workers alive, queue lag and pending turns, dead letters."""
-        await self._groups()
+        await self._group()
         raw = await self.redis.hgetall(keys.STATS)
-        out = _derived({k.decode(): int(v) for k, v in raw.items()})
+        out = mean_batch({k.decode(): int(v) for k, v in raw.items()})
         groups = {g["name"].decode(): g for g in await self.redis.xinfo_groups(keys.TURNS)}
         group = groups.get(keys.WORKERS, {})
         out["lag"] = int(group.get("lag") or 0)
@@ -352,84 +375,3 @@ class RedisQueue(TurnQueue):
         out["dead_letters"] = int(await self.redis.xlen(keys.DEAD))
         out["workers_alive"] = await self.workers_alive()
         return out
-
-    # -- catalog events ------------------------------------------------------------
-
-    async def publish_block(self, event: CatalogEvent, data: bytes) -> None:
-        """Store the block bytes, then append the event (workers load it between batches)."""
-        await self.redis.set(keys.block(event.key), data)
-        await self.redis.xadd(keys.EVENTS, {"data": event.model_dump_json()}, maxlen=100_000)
-
-    async def read_events(self, after: str) -> list[tuple[str, CatalogEvent]]:
-        """Events after `after`."""
-        got = await _retry("events", lambda: self.redis.xread({keys.EVENTS: after}, count=1000))
-        return [
-            (i.decode(), CatalogEvent.model_validate_json(f[b"data"]))
-            for _, entries in got
-            for i, f in entries
-        ]
-
-    async def get_block(self, key: str) -> bytes:
-        """A trained block's bytes."""
-        data = await _retry("block", lambda: self.redis.get(keys.block(key)))
-        if data is None:
-            raise KeyError(f"no block for {key!r} in redis")
-        return data
-
-    # -- expansion jobs ------------------------------------------------------------
-
-    async def submit_job(self, job: TrainJob, character: str) -> JobStatus:
-        """Queue `job` unless a job with its id exists."""
-        await self._groups()
-        status = JobStatus(id=job.id, character=character)
-        if await self.redis.hsetnx(keys.job(job.id), "data", status.model_dump_json()):
-            await self.redis.xadd(keys.TRAIN, {"data": job.model_dump_json()})
-            return status
-        return await self.job_status(job.id) or status
-
-    async def fetch_job(self, consumer: str, block_ms: int) -> JobDelivery | None:
-        """A job of a dead trainer (idle past `job_idle_ms`), else the next queued one."""
-        await self._groups()
-        _, claimed, _ = await self.redis.xautoclaim(
-            keys.TRAIN, keys.TRAINERS, consumer, self.config.job_idle_ms, "0-0", count=1
-        )
-        entries = [(i, f) for i, f in claimed if f]
-        if not entries:
-            got = await self.redis.xreadgroup(
-                keys.TRAINERS, consumer, {keys.TRAIN: ">"}, count=1, block=block_ms or None
-            )
-            entries = [e for _, batch in got for e in batch]
-        if not entries:
-            return None
-        msg_id, fields = entries[0]
-        job = TrainJob.model_validate_json(fields[b"data"])
-        attempt = int(await self.redis.incr(keys.attempts(job.id)))
-        return JobDelivery(job, msg_id.decode(), attempt, consumer)
-
-    async def update_job(self, status: JobStatus, delivery: JobDelivery | None = None) -> None:
-        """Record progress; with `delivery`, also refresh the trainer's claim on the job."""
-        data = status.model_dump_json()
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.job(status.id), "data", data)
-        pipe.xadd(keys.job_events(status.id), {"data": data}, maxlen=1000)
-        if delivery is not None:
-            pipe.xclaim(
-                keys.TRAIN, keys.TRAINERS, delivery.consumer, 0, [delivery.msg_id], justid=True
-            )
-        await _retry("job update", pipe.execute)
-
-    async def finish_job(self, delivery: JobDelivery, error: str | None = None) -> JobStatus:
-        """Done; or queued again; or failed after `max_attempts`. Acks the delivery."""
-        status = await _finished(self, delivery, error)
-        pipe = self.redis.pipeline(transaction=True)
-        if status.state == "queued":
-            pipe.xadd(keys.TRAIN, {"data": delivery.job.model_dump_json()})
-        pipe.xack(keys.TRAIN, keys.TRAINERS, delivery.msg_id)
-        pipe.xdel(keys.TRAIN, delivery.msg_id)
-        await _retry("finish job", pipe.execute)
-        return status
-
-    async def job_status(self, job_id: str) -> JobStatus | None:
-        """A job's last recorded status."""
-        data = await self.redis.hget(keys.job(job_id), "data")
-        return JobStatus.model_validate_json(data) if data else None

@@ -42,6 +42,10 @@ class ChatSettings(_Section):
     max_pending: int = Field(8, ge=1)
     """Most messages of one channel being answered or waiting; more are turned away."""
     turn_timeout_s: float = Field(300.0, gt=0)
+    max_characters_per_scope: int = Field(50, ge=0)
+    """Most characters one server (or the terminal) may add; the shared cast is not counted."""
+    max_jobs_per_scope: int = Field(2, ge=1)
+    """Most training jobs of one server queued or running at once."""
 
 
 class DiscordSettings(_Section):
@@ -54,14 +58,19 @@ class DiscordSettings(_Section):
     token: SecretStr
     """Bot token (required, no default)."""
     moderator_role: str = ""
-    """Name or id of a role whose members may moderate characters (besides Manage Server)."""
+    """Id of a role whose members may moderate their server's characters (besides Manage
+    Server). A role name counts only in the server `guild_id`: any server can make a role
+    of any name."""
     guild_id: int | None = None
     """Sync slash commands to this guild only (instant; for development)."""
+    owner_ids: Annotated[frozenset[int], NoDecode] = frozenset()
+    """User ids of the bot's owners: they manage the shared cast, seen in every server.
+    From the environment: ids split by commas."""
     channels: Annotated[frozenset[int], NoDecode] = frozenset()
     """Ids of the channels characters speak in (a thread counts as its parent channel);
     empty: every channel the bot can read. From the environment: ids split by commas."""
 
-    @field_validator("channels", mode="before")
+    @field_validator("channels", "owner_ids", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
         return value.replace(",", " ").split() if isinstance(value, str) else value

@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
+from neeko.characters import LOCAL
 from neeko.chat import ChatService
-from neeko.chat_types import Answer, Author
+from neeko.chat_types import Answer, Author, Speaker
+from neeko.moderation import Moderation
 from neeko.settings import ChatSettings
 
 HELP = """commands:
@@ -36,12 +38,20 @@ MAX_FILE_BYTES = 1024 * 1024
 
 
 class Terminal:
-    """Reads lines, writes answers; one channel, one user."""
+    """Reads lines, writes answers; one channel, one user.
 
-    def __init__(self, service: ChatService, channel: str, user: str, out: TextIO) -> None:
+    The terminal is a scope of its own (`local`); its user moderates it and, as the one
+    who runs the bot here, owns the shared cast.
+    """
+
+    def __init__(
+        self, service: ChatService, moderation: Moderation, channel: str, user: str, out: TextIO
+    ) -> None:
         """A terminal session on `channel` as `user`."""
-        self.service, self.channel, self.out = service, channel, out
-        self.author = Author(id=f"terminal:{user}", name=user, moderator=True)
+        self.service, self.moderation, self.channel, self.out = service, moderation, channel, out
+        self.author = Author(
+            id=f"terminal:{user}", name=user, moderator=True, owner=True, scope=LOCAL
+        )
         self._shown = ""
 
     def write(self, text: str = "", end: str = "\n") -> None:
@@ -51,7 +61,7 @@ class Terminal:
 
     async def run(self, read_line: Callable[[], Awaitable[str | None]]) -> None:
         """Handle lines until /quit or end of input (`read_line` returns None)."""
-        speaker = await self.service.speaker(self.channel)
+        speaker = await self.service.speaker(self.channel, LOCAL)
         self.write(f"[{speaker.name} speaks here. /help lists the commands.]")
         while (line := await read_line()) is not None:
             line = line.strip()
@@ -71,7 +81,7 @@ class Terminal:
         if name == "become":
             self.show(await self.service.become(self.channel, self.author, arg))
         elif name == "characters":
-            for c in await self.service.characters():
+            for c in await self.service.characters(LOCAL):
                 aliases = f" (also {', '.join(c.aliases)})" if c.aliases else ""
                 self.write(f"  {c.name}{aliases} [{c.status}]: {c.description}")
         elif name == "reset":
@@ -81,7 +91,7 @@ class Terminal:
         elif name == "train":
             self.show(await self.train(arg.strip()))
         elif name == "status":
-            self.show(await self.service.character_status(arg.strip()))
+            self.show(await self.moderation.status(self.author, arg.strip()))
         elif name == "help":
             self.write(HELP)
         else:
@@ -95,13 +105,11 @@ class Terminal:
             if path.stat().st_size > MAX_FILE_BYTES:
                 return Answer(False, f"{path} is too large: at most 1 MB.")
             data = await asyncio.to_thread(path.read_bytes)
-            return await self.service.submit_character(self.author, card=data, filename=path.name)
+            return await self.moderation.submit(self.author, card=data, filename=path.name)
         name, colon, profile = arg.partition(":")
         if not colon:
             return Answer(False, f"No card file {arg!r}; or give a name and a profile: NAME: TEXT")
-        return await self.service.submit_character(
-            self.author, name=name.strip(), profile=profile.strip()
-        )
+        return await self.moderation.submit(self.author, name=name.strip(), profile=profile.strip())
 
     async def train(self, arg: str) -> Answer:
         """`/train NAME [FILE]`: queue an expansion job, its progress printed as it comes."""
@@ -115,13 +123,11 @@ class Terminal:
         async def progress(line: str) -> None:
             self.write(f"[{line}]")
 
-        return await self.service.train_character(
-            self.author, name.strip(), self.channel, data, progress
-        )
+        return await self.moderation.train(self.author, name.strip(), self.channel, data, progress)
 
     async def message(self, text: str) -> None:
         """Send a message; stream the reply."""
-        speaker = await self.service.speaker(self.channel)
+        speaker = await self.service.speaker(self.channel, LOCAL)
         self._shown = ""
         self.write(f"{speaker.name}: ", end="")
         answer = await self.service.handle_message(
@@ -135,7 +141,7 @@ class Terminal:
             self.write("" if not self._shown else "\n", end="")
             self.write(f"[{answer.text}]")
 
-    async def _stream(self, text: str) -> None:
+    async def _stream(self, _speaker: Speaker, text: str) -> None:
         if not text.startswith(self._shown):  # the reply restarted on another worker
             self.write("\n  ...", end="")
             self._shown = ""
@@ -161,7 +167,7 @@ class Terminal:
 
 async def chat(settings: ChatSettings, channel: str, user: str) -> int:
     """Run the terminal chat until /quit or end of input; returns the exit code."""
-    from neeko.service import open_service
+    from neeko.wiring import open_services
 
     interactive = sys.stdin.isatty()
 
@@ -172,6 +178,6 @@ async def chat(settings: ChatSettings, channel: str, user: str) -> int:
         line = await asyncio.to_thread(sys.stdin.readline)
         return line or None
 
-    async with open_service(settings) as service:
-        await Terminal(service, channel, user, sys.stdout).run(read_line)
+    async with open_services(settings) as (service, moderation):
+        await Terminal(service, moderation, channel, user, sys.stdout).run(read_line)
     return 0

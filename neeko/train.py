@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,11 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from neeko.cards import CharacterCard
-from neeko.characters import Catalog, slug, system_prompt
+from neeko.catalog import Catalog
+from neeko.characters import SHARED, fold, system_prompt
 from neeko.dialogues import IGNORE, Dialogue, Example, batches, encode
 from neeko.errors import NeekoError
 from neeko.lora import LoRABank
 from neeko.model import LoadedModel
+
+if TYPE_CHECKING:
+    from neeko.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -292,9 +297,7 @@ def character_examples(
 
 
 def pretune(
-    catalog: Catalog,
-    loaded: LoadedModel,
-    bank: LoRABank,
+    rt: Runtime,
     members: list[tuple[CharacterCard, list[Dialogue]]],
     config: TrainConfig | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -302,66 +305,90 @@ def pretune(
 ) -> TrainReport:
     """Give each character a fresh block and train them together, each on its own data.
 
-    The characters are added to `catalog` as trained and their blocks saved in its store.
+    The characters join the shared cast of `rt`'s catalog as trained, and their blocks
+    are saved in its store. Names already in the catalog are refused before training.
     """
     cfg = config or TrainConfig()
+    catalog = rt.catalog
+    pending = [catalog.prepare(card, SHARED, "trained") for card, _ in members]
+    keys = [p.character.key for p in pending]
+    names = [n for p in pending for n in p.character.names()]
+    if len(set(names)) < len(names):
+        raise TrainingError("two of the characters to train share a name or alias")
     gen = torch.Generator().manual_seed(cfg.seed)
-    blocks = bank.add_blocks(len(members), init="lora", generator=gen)
+    blocks = rt.bank.add_blocks(len(members), init="lora", generator=gen)
     examples = []
     for (card, dialogues), block in zip(members, blocks, strict=True):
-        examples += character_examples(loaded, card, dialogues, block)
-    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress)
-    catalog.model = loaded.name
-    for (card, _), block in zip(members, blocks, strict=True):
-        _register_trained(catalog, bank, card, block)
-    _fit_learned_gate(catalog, members)
+        examples += character_examples(rt.loaded, card, dialogues, block)
+    report = train_blocks(rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress)
+    catalog.model = rt.loaded.name
+    for p, block in zip(pending, blocks, strict=True):
+        _save_trained(rt, p.character.key, block, p.character.name)
+        catalog.commit(p)
+    _fit_learned_gate(catalog, list(zip(keys, members, strict=True)))
     catalog.save()
     return report
 
 
 def expand(
-    catalog: Catalog,
-    loaded: LoadedModel,
-    bank: LoRABank,
+    rt: Runtime,
     card: CharacterCard,
     dialogues: list[Dialogue],
     config: TrainConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    *,
+    key: str | None = None,
+    scope: str = SHARED,
 ) -> TrainReport:
-    """Append a block for a new character and train only it; old blocks are untouched."""
+    """Append a block for a character and train only it; old blocks are untouched.
+
+    The character is `key` of the catalog (a submitted, fused one) or, without `key`, a
+    new one of `scope`. Nothing in the catalog or store changes before training succeeds,
+    and no other character's block file is ever written.
+    """
     cfg = config or TrainConfig()
-    (block,) = bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
-    examples = character_examples(loaded, card, dialogues, block)
-    report = train_blocks(loaded, bank, examples, cfg, checkpoint_dir, progress, on_step)
-    _register_trained(catalog, bank, card, block)
-    _fit_learned_gate(catalog, [(card, dialogues)], expanding=True)
+    catalog = rt.catalog
+    existing = catalog.get(key) if key is not None else None
+    if existing is not None and existing.status == "trained":
+        raise TrainingError(f"{existing.name} already has a block")
+    if existing is not None and (existing.scope, existing.names()[0]) != (scope, fold(card.name)):
+        raise TrainingError(f"the key {key!r} belongs to {existing.name} of {existing.scope}")
+    pending = None if existing is not None else catalog.prepare(card, scope, "trained", key=key)
+    key = existing.key if existing is not None else pending.character.key
+    (block,) = rt.bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
+    examples = character_examples(rt.loaded, card, dialogues, block)
+    report = train_blocks(rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step)
+    _save_trained(rt, key, block, card.name)
+    if pending is not None:
+        catalog.commit(pending)
+    catalog.mark_trained(key)
+    _fit_learned_gate(catalog, [(key, (card, dialogues))], expanding=True)
     catalog.save()
     return report
 
 
 def _fit_learned_gate(
     catalog: Catalog,
-    members: list[tuple[CharacterCard, list[Dialogue]]],
+    members: list[tuple[str, tuple[CharacterCard, list[Dialogue]]]],
     expanding: bool = False,
 ) -> None:
     """Fit the learned gate on the members' own lines and every character's card texts.
 
     When expanding a store whose gate is fitted, only the new characters' rows move.
     """
-    new = [slug(card.name) for card, _ in members]
+    new = [key for key, _ in members]
     texts = {c.key: catalog.gate_texts(c.key) for c in catalog.trained()}
-    for key, (_, dialogues) in zip(new, members, strict=True):
+    for key, (_, dialogues) in members:
         lines = [text for d in dialogues for role, text in d.messages if role == "character"]
         texts[key] = catalog.gate_texts(key, lines)
     old_fitted = all(k in catalog.gate_rows for k in texts if k not in new)
     catalog.fit_gate(texts, only=new if expanding and old_fitted else None)
 
 
-def _register_trained(catalog: Catalog, bank: LoRABank, card: CharacterCard, block: int) -> None:
-    key = slug(card.name)
-    existing = catalog.characters.get(key)
-    char = existing if existing is not None else catalog.add(card, "trained")
-    char.status, char.block, char.fused_from = "trained", block, {}
-    bank.save_block(block, catalog.block_path(key), meta={"character": card.name})
+def _save_trained(rt: Runtime, key: str, block: int, name: str) -> None:
+    """Write a freshly trained block to `key`'s file and record its slot."""
+    if rt.catalog.folder is not None:
+        rt.bank.save_block(block, rt.catalog.block_path(key), meta={"character": name})
+    rt.slots[key] = block

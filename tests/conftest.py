@@ -58,17 +58,17 @@ def engine(tiny: LoadedModel, bank: LoRABank) -> Engine:
 def tiny_store(tmp_path_factory: pytest.TempPathFactory, _tiny_once: LoadedModel):
     """A read-only store of 8 trained characters (`NAMES`) with random blocks, for `tiny`."""
     from neeko.cards import card_from_fields
-    from neeko.characters import Catalog
+    from neeko.catalog import Catalog
 
     folder = tmp_path_factory.mktemp("store8")
     catalog = Catalog(folder)
     bank = LoRABank(copy.deepcopy(_tiny_once.model))
     blocks = bank.add_blocks(8, init="random", generator=torch.Generator().manual_seed(1))
     for name, block in zip(NAMES, blocks, strict=True):
-        char = catalog.add(
-            card_from_fields(name, f"{name} is a character of the test cast.", aliases=[name[:2]])
+        card = card_from_fields(
+            name, f"{name} is a character of the test cast.", aliases=[name[:2]]
         )
-        char.status, char.block = "trained", block
+        char = catalog.add(card, status="trained")
         bank.save_block(block, catalog.block_path(char.key))
     catalog.model = "tiny"
     catalog.save()

@@ -1,22 +1,27 @@
-"""The Discord front end: cogs called directly with spec'd mocks over a fake chat service."""
+"""The Discord front end: cogs called directly with spec'd mocks over fake chat services."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import itertools
 import os
 import random
 import re
 import signal
+import sys
+import types
 from pathlib import Path
 from unittest.mock import AsyncMock, create_autospec
 
 import discord
 import pytest
 from discord_mocks import (
+    HOME_GUILD,
     NO_MENTIONS,
+    OTHER_GUILD,
     SETTINGS,
     answered_once,
     followup_text,
@@ -26,6 +31,7 @@ from discord_mocks import (
     make_member,
     make_message,
     make_role,
+    make_user,
     make_webhook,
 )
 from pydantic import ValidationError
@@ -40,6 +46,8 @@ from neeko.settings import ChatSettings, DiscordSettings
 
 MARA = Speaker("Captain Mara Vell", "https://example.com/mara.png")
 NAMES = [f"Character {i:02d}" for i in range(40)]
+HOME = f"guild:{HOME_GUILD}"
+"""The scope of the server the default interactions and messages come from."""
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
 
 
@@ -51,23 +59,31 @@ class FakeClock:
         return self.now
 
 
-class FakeChatService:
-    """Exactly the `ChatService` API the bot uses; records every call."""
+class _Recorder:
+    """Records every call as (method, arguments)."""
 
-    def __init__(self, clock: FakeClock | None = None) -> None:
+    def __init__(self) -> None:
         self.calls: list[tuple[str, dict]] = []
-        self.clock = clock or FakeClock()
-        self.stream: list[tuple[float, str]] = []
-        """(seconds later, text so far) pairs that `handle_message` streams through on_text."""
-        self.answer: Answer | None = None
-        self.on_progress = None
-        self.announce = None
 
     def _record(self, method: str, /, **kwargs) -> None:
         self.calls.append((method, kwargs))
 
     def called(self, name: str) -> list[dict]:
         return [kwargs for call, kwargs in self.calls if call == name]
+
+
+class FakeChatService(_Recorder):
+    """Exactly the `ChatService` API the bot uses; records every call."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        super().__init__()
+        self.clock = clock or FakeClock()
+        self.stream: list[tuple[float, str]] = []
+        """(seconds later, text so far) pairs that `handle_message` streams through on_text."""
+        self.streaming = MARA
+        """Who speaks in the streamed text (given to on_text with it)."""
+        self.answer: Answer | None = None
+        self.become_answer: Answer | None = None
 
     async def handle_message(self, channel, author, content, message_id, on_text=None):
         self._record(
@@ -76,11 +92,13 @@ class FakeChatService:
         for delay, text in self.stream:
             self.clock.now += delay
             if on_text is not None:
-                await on_text(text)
+                await on_text(self.streaming, text)
         return self.answer or Answer(True, "Ahoy!", speaker=MARA, kind="reply")
 
     async def become(self, channel, author, text):
         self._record("become", channel=channel, author=author, text=text)
+        if self.become_answer is not None:
+            return self.become_answer
         if text in ("Marra", "Mara Vel"):
             return Answer(
                 False,
@@ -94,46 +112,63 @@ class FakeChatService:
         greeting = "Ahoy, matey!" if text == "Mara" else ""
         return Answer(True, f"{text} now speaks here.", speaker=Speaker(text), greeting=greeting)
 
-    async def characters(self):
-        self._record("characters")
+    async def characters(self, scope):
+        self._record("characters", scope=scope)
         return [CharacterInfo("mara", "Captain Mara Vell", ("Mara",), "trained", "A pirate.")]
 
-    def autocomplete(self, prefix, limit=25):
-        self._record("autocomplete", prefix=prefix, limit=limit)
+    def autocomplete(self, prefix, scope, limit=25):
+        self._record("autocomplete", prefix=prefix, scope=scope, limit=limit)
         return list(NAMES)  # more than asked: the cog must still cap at 25
 
     async def reset(self, channel, author):
         self._record("reset", channel=channel, author=author)
         return Answer(True, "History cleared.")
 
-    async def submit_character(
-        self, author, *, card=None, filename="", name=None, profile=None, greeting=""
+    async def speaker(self, channel, scope):
+        self._record("speaker", channel=channel, scope=scope)
+        return MARA
+
+
+class FakeModeration(_Recorder):
+    """Exactly the `Moderation` API the bot uses; records every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_progress = None
+        self.announce = None
+        """Set by the bot (as `Moderation.announce` is)."""
+
+    async def submit(
+        self,
+        author,
+        *,
+        card=None,
+        filename="",
+        name=None,
+        profile=None,
+        greeting="",
+        shared=False,
     ):
         self._record(
-            "submit_character",
+            "submit",
             author=author,
             card=card,
             filename=filename,
             name=name,
             profile=profile,
             greeting=greeting,
+            shared=shared,
         )
         return Answer(True, "Added.", private=True)
 
-    async def train_character(self, author, name, channel, dialogues=None, on_progress=None):
-        self._record(
-            "train_character", author=author, name=name, channel=channel, dialogues=dialogues
-        )
+    async def train(self, author, name, channel, dialogues=None, on_progress=None):
+        self._record("train", author=author, name=name, channel=channel, dialogues=dialogues)
         self.on_progress = on_progress
         return Answer(True, "Queued.", private=True)
 
-    async def character_status(self, name):
-        self._record("character_status", name=name)
+    async def status(self, author, name):
+        self._record("status", author=author, name=name)
         return Answer(True, f"{name}: trained.")
-
-    async def speaker(self, channel):
-        self._record("speaker", channel=channel)
-        return MARA
 
 
 @pytest.fixture
@@ -142,8 +177,13 @@ def service():
 
 
 @pytest.fixture
-def cog(service):
-    return CharactersCog(service, SETTINGS)
+def moderation():
+    return FakeModeration()
+
+
+@pytest.fixture
+def cog(service, moderation):
+    return CharactersCog(service, moderation, SETTINGS)
 
 
 @pytest.fixture
@@ -236,24 +276,67 @@ def test_moderator_by_manage_guild_or_role_name_or_id():
     assert not is_moderator(make_member(roles=[make_role("Crew", 8)]), SETTINGS)
     no_role = DiscordSettings(token="x", moderator_role="")
     assert not is_moderator(make_member(roles=[make_role("", 9)]), no_role)
-    user = create_autospec(discord.User, instance=True, spec_set=True)
-    assert not is_moderator(user, SETTINGS)  # outside a guild
+    assert not is_moderator(make_user(), SETTINGS)  # outside a guild
+
+
+def test_a_role_counts_by_name_only_in_the_home_guild_but_by_id_in_any():
+    keeper = make_role("Keeper", 7)
+    assert is_moderator(make_member(guild_id=HOME_GUILD, roles=[keeper]), SETTINGS)
+    # any server can make a role called "Keeper": elsewhere its name gives no rights
+    assert not is_moderator(make_member(guild_id=OTHER_GUILD, roles=[keeper]), SETTINGS)
+    no_home = SETTINGS.model_copy(update={"guild_id": None})
+    assert not is_moderator(make_member(guild_id=HOME_GUILD, roles=[keeper]), no_home)
+    by_id = SETTINGS.model_copy(update={"moderator_role": "7"})
+    for guild in (HOME_GUILD, OTHER_GUILD):
+        assert is_moderator(make_member(guild_id=guild, roles=[make_role("Other", 7)]), by_id)
+    # ...and a role whose *name* is the id is just a name: it counts only at home
+    named_like_id = make_role("7", 8)
+    assert not is_moderator(make_member(guild_id=OTHER_GUILD, roles=[named_like_id]), by_id)
+    assert is_moderator(make_member(guild_id=HOME_GUILD, roles=[named_like_id]), by_id)
+    # Manage Server counts in any server
+    assert is_moderator(make_member(guild_id=OTHER_GUILD, manage_guild=True), SETTINGS)
 
 
 def test_author_of_member():
     member = make_member(user_id=42, name="Bea", roles=[make_role("Keeper", 1)])
-    assert author_of(member, SETTINGS) == Author(id="42", name="Bea", moderator=True)
+    assert author_of(member, SETTINGS) == Author(
+        id="42", name="Bea", moderator=True, owner=False, scope=f"guild:{HOME_GUILD}"
+    )
 
 
-def test_channels_setting_reads_ids_split_by_commas(monkeypatch):
+def test_author_of_gives_the_guild_scope_and_owners():
+    owners = SETTINGS.model_copy(update={"owner_ids": frozenset({42, 43})})
+    plain = author_of(make_member(user_id=1, guild_id=5), owners)
+    assert (plain.scope, plain.owner, plain.moderator) == ("guild:5", False, False)
+    assert author_of(make_member(guild_id=OTHER_GUILD), owners).scope == f"guild:{OTHER_GUILD}"
+    # the interaction's guild, where given, is the scope
+    assert author_of(make_member(guild_id=5), owners, 9).scope == "guild:9"
+    # an owner is a moderator in every server, even one without the moderator role
+    for guild in (HOME_GUILD, OTHER_GUILD):
+        owner = author_of(make_member(user_id=42, name="Olga", guild_id=guild), owners)
+        assert owner == Author("42", "Olga", moderator=True, owner=True, scope=f"guild:{guild}")
+    assert is_moderator(make_user(user_id=43), owners)  # and even outside a guild
+    assert not is_moderator(make_user(user_id=44), owners)
+    assert not author_of(make_member(user_id=42, guild_id=5), SETTINGS).owner
+
+
+def test_id_settings_read_ids_split_by_commas(monkeypatch):
     monkeypatch.setenv("DISCORD_TOKEN", "x")
     monkeypatch.setenv("DISCORD_CHANNELS", "12, 34 56")
-    assert DiscordSettings().channels == {12, 34, 56}
+    monkeypatch.setenv("DISCORD_OWNER_IDS", "7,8")
+    settings = DiscordSettings()
+    assert settings.channels == {12, 34, 56}
+    assert settings.owner_ids == {7, 8}
     monkeypatch.setenv("DISCORD_CHANNELS", "12,general")
     with pytest.raises(ValidationError, match="channels"):
         DiscordSettings()
+    monkeypatch.setenv("DISCORD_OWNER_IDS", "7,me")
     monkeypatch.delenv("DISCORD_CHANNELS")
+    with pytest.raises(ValidationError, match="owner_ids"):
+        DiscordSettings()
+    monkeypatch.delenv("DISCORD_OWNER_IDS")
     assert DiscordSettings().channels == frozenset()
+    assert DiscordSettings().owner_ids == frozenset()
 
 
 @pytest.mark.parametrize("section", [ChatSettings, DiscordSettings])
@@ -283,7 +366,7 @@ async def test_become_defers_then_follows_up_once(cog, service):
     await cog.become.callback(cog, interaction, "Mara")
     answered_once(interaction, events)
     (call,) = service.called("become")
-    assert call == {"channel": "100", "author": Author("1", "Alice"), "text": "Mara"}
+    assert call == {"channel": "100", "author": Author("1", "Alice", scope=HOME), "text": "Mara"}
     interaction.channel.send.assert_awaited_once()
     announce = interaction.channel.send.await_args
     assert "Mara" in announce.args[0]
@@ -294,10 +377,12 @@ async def test_become_defers_then_follows_up_once(cog, service):
     assert greeting.args[0] == "Ahoy, matey!"
     assert greeting.kwargs["username"] == "Mara"
     assert greeting.kwargs["allowed_mentions"] == NO_MENTIONS
+    assert service.called("speaker") == []  # the answer said who speaks
 
 
-async def test_become_and_reset_outside_the_listed_channels_change_nothing(service):
-    cog = CharactersCog(service, SETTINGS.model_copy(update={"channels": frozenset({200, 7})}))
+async def test_become_and_reset_outside_the_listed_channels_change_nothing(service, moderation):
+    settings = SETTINGS.model_copy(update={"channels": frozenset({200, 7})})
+    cog = CharactersCog(service, moderation, settings)
     for command, args in ((cog.become, ("Mara",)), (cog.reset, ())):
         interaction, events = make_interaction()  # in channel 100
         await command.callback(cog, interaction, *args)
@@ -305,6 +390,7 @@ async def test_become_and_reset_outside_the_listed_channels_change_nothing(servi
         assert followup_text(interaction).endswith("try <#7>, <#200>.")
         interaction.channel.send.assert_not_awaited()
     assert service.calls == []
+    assert moderation.calls == []
 
 
 @pytest.mark.parametrize("name", ["Marra", "Mara Vel"])
@@ -322,14 +408,47 @@ async def test_autocomplete_returns_at_most_25_choices(cog, service):
     assert len(choices) == 25
     assert all(isinstance(c, discord.app_commands.Choice) for c in choices)
     assert choices[0].value == NAMES[0]
-    assert service.called("autocomplete") == [{"prefix": "Char", "limit": 25}]
+    assert service.called("autocomplete") == [{"prefix": "Char", "scope": HOME, "limit": 25}]
 
 
-async def test_characters_lists_in_an_embed(cog):
+async def test_characters_lists_in_an_embed(cog, service):
     interaction, events = make_interaction()
     await cog.characters.callback(cog, interaction)
     kwargs = answered_once(interaction, events)
     assert "Captain Mara Vell" in kwargs["embed"].description
+    assert service.called("characters") == [{"scope": HOME}]
+
+
+def _from(guild: int, **member):
+    """An interaction in a channel of the server `guild`, by one of its members."""
+    channel = make_channel(guild_id=guild)
+    return make_interaction(make_member(guild=channel.guild, **member), channel)[0]
+
+
+async def test_chat_commands_pass_the_interactions_guild_scope(cog, service):
+    service.become_answer = Answer(True, "Done.")  # no speaker: the cog asks who speaks
+    for guild in (HOME_GUILD, OTHER_GUILD):
+        await cog.characters.callback(cog, _from(guild))
+        await cog.character_autocomplete(_from(guild), "Ma")
+        await cog.become.callback(cog, _from(guild), "Mara")
+        await cog.reset.callback(cog, _from(guild))
+    scopes = [HOME, f"guild:{OTHER_GUILD}"]
+    assert [c["scope"] for c in service.called("characters")] == scopes
+    assert [c["scope"] for c in service.called("autocomplete")] == scopes
+    assert service.called("speaker") == [{"channel": "100", "scope": s} for s in scopes]
+    assert [c["author"].scope for c in service.called("become")] == scopes
+    assert [c["author"].scope for c in service.called("reset")] == scopes
+
+
+async def test_moderation_commands_pass_the_authors_guild_scope(cog, moderation):
+    for guild in (HOME_GUILD, OTHER_GUILD):
+        await cog.submit.callback(cog, _from(guild, manage_guild=True), name="Nell", profile="P.")
+        await cog.train.callback(cog, _from(guild, manage_guild=True), "Nell", None)
+        await cog.status.callback(cog, _from(guild), "Nell")
+    scopes = [HOME, f"guild:{OTHER_GUILD}"]
+    for method in ("submit", "train", "status"):
+        assert [c["author"].scope for c in moderation.called(method)] == scopes, method
+    assert [c["author"].moderator for c in moderation.called("status")] == [False, False]
 
 
 def test_characters_embed_fits_discord_limits():
@@ -344,11 +463,13 @@ async def test_reset_calls_service_and_announces(cog, service):
     interaction, events = make_interaction()
     await cog.reset.callback(cog, interaction)
     answered_once(interaction, events)
-    assert service.called("reset") == [{"channel": "100", "author": Author("1", "Alice")}]
+    assert service.called("reset") == [
+        {"channel": "100", "author": Author("1", "Alice", scope=HOME)}
+    ]
     interaction.channel.send.assert_awaited_once()
 
 
-async def test_submit_refuses_non_moderator_without_calling_service(cog, service):
+async def test_submit_refuses_non_moderator_without_calling_moderation(cog, service, moderation):
     card = create_autospec(discord.Attachment, instance=True, spec_set=True)
     card.size, card.filename = 100, "card.json"
     interaction, events = make_interaction(make_member(roles=[make_role("Crew", 3)]))
@@ -356,31 +477,60 @@ async def test_submit_refuses_non_moderator_without_calling_service(cog, service
     answered_once(interaction, events)
     assert "moderators" in followup_text(interaction)
     assert service.calls == []
+    assert moderation.calls == []
     card.read.assert_not_awaited()
 
 
-async def test_submit_by_role_moderator_reads_the_card(cog, service):
+async def test_submit_refuses_a_role_named_like_the_moderator_role_elsewhere(cog, moderation):
+    interaction = _from(OTHER_GUILD, roles=[make_role("Keeper", 3)])
+    await cog.submit.callback(cog, interaction, name="Nell", profile="A lighthouse keeper.")
+    assert "moderators" in followup_text(interaction)
+    assert moderation.calls == []
+
+
+async def test_submit_by_role_moderator_reads_the_card(cog, moderation):
     card = create_autospec(discord.Attachment, instance=True, spec_set=True)
     card.size, card.filename = 100, "mara.png"
     card.read.return_value = b"\x89PNG"
     interaction, events = make_interaction(make_member(roles=[make_role("Keeper", 3)]))
     await cog.submit.callback(cog, interaction, card=card, greeting=None)
     answered_once(interaction, events)
-    (call,) = service.called("submit_character")
+    (call,) = moderation.called("submit")
     assert call["author"].moderator
+    assert call["author"].scope == HOME
     assert (call["card"], call["filename"], call["greeting"]) == (b"\x89PNG", "mara.png", "")
+    assert call["shared"] is False
 
 
-async def test_submit_fields_without_card(cog, service):
+async def test_submit_fields_without_card(cog, moderation):
     interaction, events = make_interaction(make_member(manage_guild=True))
     await cog.submit.callback(cog, interaction, name="Nell", profile="A lighthouse keeper.")
     answered_once(interaction, events)
-    (call,) = service.called("submit_character")
+    (call,) = moderation.called("submit")
     assert (call["card"], call["name"], call["profile"]) == (None, "Nell", "A lighthouse keeper.")
+    assert followup_text(interaction) == "Added."
+
+
+async def test_submit_shared_is_passed_through(cog, moderation):
+    owners = SETTINGS.model_copy(update={"owner_ids": frozenset({42})})
+    cog = CharactersCog(cog.service, moderation, owners)
+    interaction, events = make_interaction(make_member(user_id=42, guild_id=HOME_GUILD))
+    await cog.submit.callback(cog, interaction, name="Nell", profile="P.", shared=True)
+    answered_once(interaction, events)
+    (call,) = moderation.called("submit")
+    assert call["shared"] is True
+    assert (call["author"].owner, call["author"].moderator) == (True, True)
+
+
+async def test_submit_shared_by_a_moderator_is_left_to_moderation(cog, moderation):
+    interaction = _from(HOME_GUILD, manage_guild=True)
+    await cog.submit.callback(cog, interaction, name="Nell", profile="P.", shared=True)
+    (call,) = moderation.called("submit")  # Moderation refuses a non-owner; the cog passes it on
+    assert (call["shared"], call["author"].owner) == (True, False)
 
 
 @pytest.mark.parametrize(("size", "filename"), [(MAX_CARD_BYTES + 1, "big.png"), (10, "x.exe")])
-async def test_submit_refuses_bad_attachment_without_reading_it(cog, service, size, filename):
+async def test_submit_refuses_bad_attachment_without_reading_it(cog, moderation, size, filename):
     card = create_autospec(discord.Attachment, instance=True, spec_set=True)
     card.size, card.filename = size, filename
     interaction, events = make_interaction(make_member(manage_guild=True))
@@ -388,41 +538,46 @@ async def test_submit_refuses_bad_attachment_without_reading_it(cog, service, si
     answered_once(interaction, events)
     assert filename in followup_text(interaction)
     card.read.assert_not_awaited()
-    assert service.calls == []
+    assert moderation.calls == []
 
 
-async def test_train_queues_and_posts_progress_in_channel(cog, service):
+async def test_train_queues_and_posts_progress_in_channel(cog, moderation):
     data = create_autospec(discord.Attachment, instance=True, spec_set=True)
     data.size, data.filename = 100, "nell.jsonl"
     data.read.return_value = b'{"messages": []}\n'
     interaction, events = make_interaction(make_member(manage_guild=True))
     await cog.train.callback(cog, interaction, "Nell", data)
     answered_once(interaction, events)
-    (call,) = service.called("train_character")
+    (call,) = moderation.called("train")
     assert (call["name"], call["channel"], call["dialogues"]) == (
         "Nell",
         "100",
         data.read.return_value,
     )
-    await service.on_progress("step 10/58, loss 1.23 @everyone")
+    assert (call["author"].moderator, call["author"].scope) == (True, HOME)
+    await moderation.on_progress("step 10/58, loss 1.23 @everyone")
     interaction.channel.send.assert_awaited_once_with(
         "step 10/58, loss 1.23 @everyone", allowed_mentions=NO_MENTIONS
     )
     assert interaction.followup.send.await_count == 1  # progress never uses the interaction
 
 
-async def test_train_refuses_non_moderator(cog, service):
+async def test_train_refuses_non_moderator(cog, service, moderation):
     interaction, events = make_interaction()
     await cog.train.callback(cog, interaction, "Nell", None)
     answered_once(interaction, events)
     assert service.calls == []
+    assert moderation.calls == []
 
 
-async def test_status(cog, service):
+async def test_status(cog, moderation):
     interaction, events = make_interaction()
     await cog.status.callback(cog, interaction, "Mara")
     answered_once(interaction, events)
     assert followup_text(interaction) == "Mara: trained."
+    assert moderation.called("status") == [
+        {"author": Author("1", "Alice", scope=HOME), "name": "Mara"}
+    ]
 
 
 # --- chat cog --------------------------------------------------------------------------------
@@ -465,6 +620,7 @@ async def test_reply_goes_through_cached_webhook_as_speaker(chat, service):
         "Ahoy, captain!",
         "555",
     )
+    assert call["author"] == Author("1", "Alice", scope=HOME)
     channel.create_webhook.assert_awaited_once()
     assert channel.create_webhook.await_args.kwargs["name"] == "Neeko"
     hook = channel.create_webhook.return_value
@@ -479,6 +635,37 @@ async def test_reply_goes_through_cached_webhook_as_speaker(chat, service):
     await chat.on_message(make_message(channel=channel))
     channel.create_webhook.assert_awaited_once()  # cached per channel
     assert hook.send.await_count == 2
+    assert service.called("speaker") == []
+
+
+async def test_chat_turns_carry_the_messages_guild_scope(chat, service):
+    for guild in (HOME_GUILD, OTHER_GUILD):
+        await chat.on_message(make_message(channel=make_channel(guild_id=guild)))
+    authors = [c["author"] for c in service.called("handle_message")]
+    assert [a.scope for a in authors] == [HOME, f"guild:{OTHER_GUILD}"]
+
+
+async def test_streamed_reply_is_posted_as_the_speaker_given_with_the_text(chat, service):
+    nova = Speaker("Nova", "https://example.com/nova.png")
+    channel = make_channel()
+    hook = channel.create_webhook.return_value
+    sent = create_autospec(discord.WebhookMessage, instance=True, spec_set=True)
+    hook.send.side_effect = lambda *a, **k: sent
+    service.streaming = nova
+    service.stream = [(0.0, "Greetings"), (2.0, "Greetings, traveller")]
+    service.answer = Answer(True, "Greetings, traveller.", speaker=nova, kind="reply")
+    await chat.on_message(make_message(channel=channel))
+    # the first text is posted mid-stream, before the answer says who speaks
+    hook.send.assert_awaited_once()
+    args, kwargs = hook.send.await_args
+    assert args == ("Greetings",)
+    assert (kwargs["username"], kwargs["avatar_url"]) == (nova.name, nova.avatar_url)
+    assert [c.kwargs["content"] for c in sent.edit.await_args_list] == [
+        "Greetings, traveller",
+        "Greetings, traveller.",
+    ]
+    channel.send.assert_not_awaited()
+    assert service.called("speaker") == []
 
 
 async def test_existing_own_webhook_is_reused():
@@ -551,7 +738,8 @@ async def test_error_answer_is_a_reply_to_the_author(chat, service):
 
 
 async def test_bot_setup_adds_cogs_and_syncs_to_guild(monkeypatch):
-    bot = NeekoBot(FakeChatService(), SETTINGS.model_copy(update={"guild_id": 7}))
+    settings = SETTINGS.model_copy(update={"guild_id": 7})
+    bot = NeekoBot(FakeChatService(), FakeModeration(), settings)
     sync = AsyncMock(return_value=[])
     monkeypatch.setattr(bot.tree, "sync", sync)
     await bot.setup_hook()
@@ -572,57 +760,103 @@ async def test_bot_setup_adds_cogs_and_syncs_to_guild(monkeypatch):
     (character,) = payloads["become"]["options"]
     assert character["autocomplete"] is True
     submit = next(o for o in payloads["character"]["options"] if o["name"] == "submit")
-    assert [o["required"] for o in submit["options"]] == [False] * 4
+    assert [o["name"] for o in submit["options"]] == [
+        "card",
+        "name",
+        "profile",
+        "greeting",
+        "shared",
+    ]
+    assert [o["required"] for o in submit["options"]] == [False] * 5
+    shared = submit["options"][-1]
+    assert shared["type"] == discord.AppCommandOptionType.boolean.value
+    cogs = bot.get_cog("CharactersCog"), bot.get_cog("ChatCog")
+    assert all(c.service is bot.service for c in cogs)
+    assert cogs[0].moderation is bot.moderation
+    assert cogs[0].webhooks is cogs[1].webhooks  # one webhook per channel, shared
     await bot.close()
 
 
 async def test_bot_posts_training_news_of_earlier_runs_by_channel_id(monkeypatch):
-    service = FakeChatService()
-    bot = NeekoBot(service, SETTINGS)
+    moderation = FakeModeration()
+    bot = NeekoBot(FakeChatService(), moderation, SETTINGS)
+    assert moderation.announce == bot.announce
     channel = make_channel(channel_id=100)
     monkeypatch.setattr(bot, "get_channel", {100: channel}.get)
-    await service.announce("100", "Nova has a block of its own now. @everyone")
+    await moderation.announce("100", "Nova has a block of its own now. @everyone")
     channel.send.assert_awaited_once_with(
         "Nova has a block of its own now. @everyone", allowed_mentions=NO_MENTIONS
     )
-    await service.announce("404", "nowhere")  # an unknown channel: nothing, no error
+    await moderation.announce("404", "nowhere")  # an unknown channel: nothing, no error
     assert channel.send.await_count == 1
     await bot.close()
 
 
-async def test_run_closes_bot_and_service_on_sigterm(monkeypatch):
+async def test_run_closes_bot_and_services_on_sigterm(monkeypatch):
     events = []
+    service, moderation = FakeChatService(), FakeModeration()
 
     @contextlib.asynccontextmanager
-    async def open_service(settings):
+    async def open_services(settings):
         events.append("open")
-        yield FakeChatService()
+        yield service, moderation
         events.append("closed")
 
     async def start(self, token):
+        assert (self.service, self.moderation) == (service, moderation)
         events.append(token)
         os.kill(os.getpid(), signal.SIGTERM)
         while not self.is_closed():
             await asyncio.sleep(0.01)
 
-    monkeypatch.setattr("neeko.service.open_service", open_service)
+    # a stand-in module: `run` imports `neeko.wiring` (which loads the model) only when called
+    fake = types.ModuleType("neeko.wiring")
+    fake.open_services = open_services  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "neeko.wiring", fake)
     monkeypatch.setattr(NeekoBot, "start", start)
     await asyncio.wait_for(run(SETTINGS, ChatSettings()), timeout=10)
     assert events == ["open", "x", "closed"]
+    assert moderation.announce is not None  # the bot hears from jobs of earlier runs
 
 
-# --- the fake matches the real service -------------------------------------------------------
+def test_neeko_service_opens_what_the_bot_runs():
+    """`run` takes a (ChatService, Moderation) pair from `neeko.wiring.open_services`."""
+    service = pytest.importorskip("neeko.wiring", exc_type=ImportError)
+    assert inspect.isfunction(getattr(service, "open_services", None))
+    assert list(inspect.signature(service.open_services).parameters)[:1] == ["settings"]
 
 
-def test_fake_service_matches_chat_service_api():
-    chat = pytest.importorskip("neeko.chat")
-    for name, fake in inspect.getmembers(FakeChatService, inspect.isfunction):
-        if name.startswith("_") or name == "called":
-            continue
-        real = getattr(chat.ChatService, name)
+# --- the fakes match the real service and moderation -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fake_class", "module", "real_name"),
+    [
+        (FakeChatService, "neeko.chat", "ChatService"),
+        (FakeModeration, "neeko.moderation", "Moderation"),
+    ],
+)
+def test_fakes_match_the_real_api(fake_class, module, real_name):
+    """Each fake method has the real one's parameters: names, kinds and defaults, in order.
+
+    The real method may add parameters after them, if they have defaults.
+    """
+    real_class = getattr(importlib.import_module(module), real_name)
+    methods = [
+        (name, fake)
+        for name, fake in inspect.getmembers(fake_class, inspect.isfunction)
+        if not name.startswith("_") and name != "called"
+    ]
+    assert methods
+    for name, fake in methods:
+        real = getattr(real_class, name, None)
+        assert inspect.isfunction(real), f"{real_name}.{name} is not a method"
         assert inspect.iscoroutinefunction(real) == inspect.iscoroutinefunction(fake), name
-        fake_params = list(inspect.signature(fake).parameters)
-        real_params = inspect.signature(real).parameters
-        assert list(real_params)[: len(fake_params)] == fake_params, name
-        extra = list(real_params.values())[len(fake_params) :]
+        fake_params = [
+            (p.name, p.kind, p.default) for p in inspect.signature(fake).parameters.values()
+        ]
+        real_params = list(inspect.signature(real).parameters.values())
+        head = [(p.name, p.kind, p.default) for p in real_params[: len(fake_params)]]
+        assert head == fake_params, name
+        extra = real_params[len(fake_params) :]
         assert all(p.default is not p.empty for p in extra), name

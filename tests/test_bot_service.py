@@ -1,6 +1,8 @@
-"""The cogs over the real chat service: a SQLite file, the in-process worker, the tiny model.
+"""The cogs over the real chat service and moderation: a SQLite file, the in-process worker,
+the tiny model.
 
-Only Discord is mocked (`spec_set` autospecs); every answer comes from `ChatService`.
+Only Discord is mocked (`spec_set` autospecs); every answer comes from `ChatService` or
+`Moderation`.
 """
 
 import asyncio
@@ -11,6 +13,7 @@ import discord
 import pytest
 from conftest import NAMES
 from discord_mocks import (
+    HOME_GUILD,
     NO_MENTIONS,
     SETTINGS,
     answered_once,
@@ -26,7 +29,11 @@ from bot.cogs.characters import CharactersCog
 from bot.cogs.chat import ChatCog
 from bot.sender import WebhookCache
 from neeko import db
-from neeko.service import open_service
+from neeko.characters import guild_scope
+from neeko.wiring import open_services
+
+HOME = guild_scope(HOME_GUILD)
+"""The scope of the server the default interactions and messages come from."""
 
 MODERATOR = {"manage_guild": True}
 CARD = {
@@ -41,16 +48,26 @@ CARD = {
 
 
 @pytest.fixture
-async def service(chat_settings):
+async def services(chat_settings):
+    """(chat service, moderation) as the bot opens them."""
     settings = chat_settings.model_copy(update={"reply_tokens": 8, "max_message_chars": 100})
-    async with open_service(settings) as service:
-        yield service
+    async with open_services(settings) as services:
+        yield services
 
 
 @pytest.fixture
-def cogs(service):
+def service(services):
+    return services[0]
+
+
+@pytest.fixture
+def cogs(services):
+    service, moderation = services
     webhooks = WebhookCache()
-    return CharactersCog(service, SETTINGS, webhooks), ChatCog(service, SETTINGS, webhooks=webhooks)
+    return (
+        CharactersCog(service, moderation, SETTINGS, webhooks),
+        ChatCog(service, SETTINGS, webhooks=webhooks),
+    )
 
 
 def _attachment(data: bytes, filename: str):
@@ -108,7 +125,7 @@ async def test_unknown_character_gets_suggestions_and_changes_nothing(service, c
     answered_once(interaction, events)
     assert "Birch" in followup_text(interaction)
     interaction.channel.send.assert_not_awaited()  # nothing announced
-    assert (await service.speaker("100")).name == NAMES[0]
+    assert (await service.speaker("100", HOME)).name == NAMES[0]
 
 
 async def test_non_moderator_card_is_refused_and_nothing_is_added(service, cogs):
@@ -119,7 +136,7 @@ async def test_non_moderator_card_is_refused_and_nothing_is_added(service, cogs)
     answered_once(interaction, events)
     assert "moderators" in followup_text(interaction)
     card.read.assert_not_awaited()
-    assert service.catalog.find("Nell Harrow") is None
+    assert service.catalog.find("Nell Harrow") is None  # in no scope at all
     async with service.sessions() as s:
         assert (await s.scalars(select(db.CharacterRow))).all() == []
 
@@ -150,6 +167,8 @@ async def test_moderator_card_is_playable_at_once_and_greets(service, cogs):
     await characters.submit.callback(characters, interaction, card=card)
     answered_once(interaction, events)
     assert "playable now" in followup_text(interaction)
+    nell = service.catalog.find("Nell Harrow", HOME)
+    assert (nell.scope, nell.key) == (HOME, f"g{HOME_GUILD}.nell_harrow")  # this server's own
     interaction, _ = make_interaction(make_member(), channel)
     await characters.become.callback(characters, interaction, "nell harrow")
     assert posts == [["Nell Harrow", "Who rowed you out here?"]]

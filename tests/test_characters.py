@@ -6,15 +6,18 @@ import time
 import pytest
 import torch
 
+from neeko import catalog as catalog_mod
 from neeko import characters as chars_mod
 from neeko.cards import card_from_fields
-from neeko.characters import Catalog, CatalogError, read_cast, slug, system_prompt
+from neeko.catalog import Catalog
+from neeko.characters import CatalogError, read_cast, scope_key, system_prompt
 from neeko.dialogues import Dialogue, read_dialogues
 from neeko.errors import GateError
 from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate
 from neeko.lora import LoRABank
+from neeko.runtime import Runtime
+from neeko.store_ops import read_roles
 from neeko.train import TrainConfig, character_examples, expand, pretune, token_nll
-from neeko.workflows import read_roles
 
 PIRATE = card_from_fields(
     "Captain Mara Vell",
@@ -27,9 +30,9 @@ DETECTIVE = card_from_fields(
 ROBOT = card_from_fields("BOLT-7", "A cheerful helper robot who beeps and counts odds.")
 
 
-def test_slug_and_system_prompt():
-    assert slug("Captain Mara Vell") == "captain_mara_vell"
-    assert slug("BOLT-7") == "bolt_7"
+def test_keys_and_system_prompt():
+    assert scope_key("shared", "Captain Mara Vell") == "captain_mara_vell"
+    assert scope_key("shared", "BOLT-7") == "bolt_7"
     prompt = system_prompt(PIRATE)
     assert prompt.startswith("You are Captain Mara Vell. A weathered pirate captain")
     assert prompt.endswith("reply as Captain Mara Vell.")
@@ -73,22 +76,27 @@ def test_fit_gate_learns_and_keeps_frozen_rows_exact():
 def catalog(tmp_path):
     cat = Catalog(tmp_path / "store")
     for card in (PIRATE, DETECTIVE, ROBOT):
-        cat.add(card, "trained")
-    for i, c in enumerate(cat.characters.values()):
-        c.block = i
+        cat.add(card, status="trained")
     return cat
 
 
-def test_resolve_exact_alias_misspelling_and_free_text(catalog):
+@pytest.fixture
+def rt(catalog, tiny, bank):
+    """`catalog`'s three characters on blocks 0, 1, 2 of `bank`."""
+    slots = {c.key: i for i, c in enumerate(catalog.trained())}
+    return Runtime(catalog, tiny, bank, None, slots)
+
+
+def test_resolve_exact_alias_misspelling_and_free_text(catalog, rt):
     assert catalog.resolve("captain vell").character.name == "Captain Mara Vell"
     assert catalog.resolve("  INSPECTOR   edmund gray ").character.name == "Inspector Edmund Gray"
     near = catalog.resolve("Captian Mara Vel")
     assert near.kind == "suggestions"
-    assert near.suggestions == ["Captain Mara Vell"]
+    assert near.suggestions == ("Captain Mara Vell",)
     persona = catalog.resolve("a grumpy old sea dog")
     assert persona.kind == "persona"
-    gate = catalog.persona_gate(persona.text)
-    assert max(gate, key=gate.get) == catalog.find("Mara").block
+    gate = rt.persona_gate(persona.text)
+    assert max(gate, key=gate.get) == rt.slots[catalog.find("Mara").key]
 
 
 def test_names_and_aliases_are_unique(catalog):
@@ -96,15 +104,15 @@ def test_names_and_aliases_are_unique(catalog):
         catalog.add(card_from_fields("Mara", "Another Mara."))
 
 
-def test_fuse_is_fast_and_mixes_trained_characters(catalog):
+def test_fuse_is_fast_and_mixes_trained_characters(catalog, rt):
     catalog.encoder
     t0 = time.perf_counter()
-    char = catalog.fuse(card_from_fields("Old Salt", "A gruff old sailor of the high seas."))
+    char = catalog.add(card_from_fields("Old Salt", "A gruff old sailor of the high seas."))
     assert time.perf_counter() - t0 < 1.0
     assert char.status == "fused"
-    assert sum(char.fused_from.values()) == pytest.approx(1.0)
-    assert max(char.fused_from, key=char.fused_from.get) == "captain_mara_vell"
-    assert set(catalog.gate(char.key)) <= {0, 1, 2}
+    assert sum(char.mix.values()) == pytest.approx(1.0)
+    assert max(char.mix, key=char.mix.get) == "captain_mara_vell"
+    assert set(rt.gate(char.key)) <= {0, 1, 2}
 
 
 def test_store_round_trip_and_atomic_save(catalog, monkeypatch):
@@ -113,7 +121,9 @@ def test_store_round_trip_and_atomic_save(catalog, monkeypatch):
     assert [c.name for c in again.characters.values()] == [
         c.name for c in catalog.characters.values()
     ]
-    assert all(torch.equal(again.embeddings[k], v) for k, v in catalog.embeddings.items())
+    assert all(
+        torch.equal(again.embedding(c.key), catalog.embedding(c.key)) for c in again.visible()
+    )
     manifest = (catalog.folder / "manifest.json").read_text()
 
     catalog.add(card_from_fields("Newcomer", "Someone new."))
@@ -121,7 +131,7 @@ def test_store_round_trip_and_atomic_save(catalog, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(chars_mod.json, "dumps", crash)
+    monkeypatch.setattr(catalog_mod.json, "dumps", crash)
     with pytest.raises(OSError, match="disk full"):
         catalog.save()
     assert (catalog.folder / "manifest.json").read_text() == manifest
@@ -172,11 +182,10 @@ ROBOT_LINES = [
 def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
     bank = LoRABank(tiny.model)
     catalog = Catalog(tmp_path / "store")
+    rt = Runtime(catalog, tiny, bank, None)
     cfg = TrainConfig(epochs=3, lr=1e-2, batch_size=2)
     pretune(
-        catalog,
-        tiny,
-        bank,
+        rt,
         [
             (PIRATE, _dialogues(PIRATE.name, PIRATE_LINES)),
             (DETECTIVE, _dialogues(DETECTIVE.name, DETECTIVE_LINES)),
@@ -185,7 +194,7 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
         progress=False,
     )
     ids = torch.tensor([[1, 200, 3000, 45, 9, 800]])
-    gates = [catalog.gate(c.key) for c in catalog.trained()]
+    gates = [rt.gate(c.key) for c in catalog.trained()]
 
     def outputs():
         with torch.inference_mode(), bank.route(gates):
@@ -193,12 +202,10 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
 
     before = outputs()
     robot = _dialogues(ROBOT.name, ROBOT_LINES)
-    fused = catalog.gate_from_weights(
-        catalog.fusion_weights(catalog.encoder.encode([ROBOT.persona_text()])[0])
-    )
+    fused = rt.mix_gate(catalog.fusion_weights(catalog.encoder.encode([ROBOT.persona_text()])[0]))
     rows_before = dict(catalog.gate_rows)
     assert set(rows_before) == {c.key for c in catalog.trained()}
-    expand(catalog, tiny, bank, ROBOT, robot, TrainConfig(epochs=10, lr=1e-2), progress=False)
+    expand(rt, ROBOT, robot, TrainConfig(epochs=10, lr=1e-2), progress=False)
     assert torch.equal(outputs(), before)
     new = catalog.find("BOLT-7")
     # The learned gate gains a row for the new character; the old rows do not move.
@@ -206,9 +213,9 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
     learned = GateConfig(policy="learned", top_k=1)
     for card in (PIRATE, DETECTIVE, ROBOT):
         query = catalog.encoder.encode([card.persona_text()])[0]
-        assert list(catalog.fusion_weights(query, learned)) == [slug(card.name)]
+        assert list(catalog.fusion_weights(query, learned)) == [scope_key("shared", card.name)]
     assert new.status == "trained"
-    assert new.block == 2
+    assert rt.slots[new.key] == 2
     examples = character_examples(tiny, ROBOT, robot, 2)
     own = sum(token_nll(tiny, bank, e, {2: 1.0})[0] for e in examples)
     mix = sum(token_nll(tiny, bank, e, fused)[0] for e in examples)

@@ -1,30 +1,38 @@
-"""ChatService on a real SQLite file, the in-process queue and worker, and the tiny model."""
+"""ChatService and Moderation on a real SQLite file, the in-process queues and worker, and
+the tiny model."""
 
 import asyncio
 import io
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from conftest import NAMES
 from sqlalchemy import func, select
 
 from neeko import db
-from neeko.characters import Catalog
+from neeko.catalog import Catalog
+from neeko.characters import LOCAL
 from neeko.chat import ChatService
 from neeko.chat_types import Author
 from neeko.engine import GenerationRequest
+from neeko.events import LocalEventBus
+from neeko.follower import CatalogFollower
+from neeko.jobs import LocalJobQueue
+from neeko.moderation import Moderation
 from neeko.protocol import Reply, Turn
-from neeko.queue import LocalQueue
-from neeko.service import open_service
+from neeko.queue import LocalTurnQueue
+from neeko.runtime import open_runtime
 from neeko.terminal import Terminal
+from neeko.transport import Transport, open_transport
+from neeko.wiring import open_services
 from neeko.worker import Trainer
-from neeko.workflows import open_runtime
 
-ANN = Author("u1", "Ann")
-BOB = Author("u2", "Bob")
-MOD = Author("m1", "Mo", moderator=True)
+ANN = Author("u1", "Ann", scope=LOCAL)
+BOB = Author("u2", "Bob", scope=LOCAL)
+MOD = Author("m1", "Mo", moderator=True, scope=LOCAL)
 
 
 NOVA_DIALOGUES = "\n".join(
@@ -53,11 +61,11 @@ def _hand_reply(turn_id: str, text: str) -> Reply:
     )
 
 
-class RecordingQueue(LocalQueue):
+class RecordingQueue(LocalTurnQueue):
     """The in-process queue, keeping every turn it was given."""
 
-    def __init__(self, config=None):
-        super().__init__(config)
+    def __init__(self, config=None, counters=None):
+        super().__init__(config, counters)
         self.turns: list[Turn] = []
 
     async def _enqueue(self, turn):
@@ -72,14 +80,16 @@ def settings(chat_settings):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Every RecordingQueue the service opens."""
+    """The RecordingQueue of every transport `open_services` opens (in-process, as
+    `open_transport` builds one: the turn and job queues share their counters)."""
     made: list[RecordingQueue] = []
 
     def make(url=None, config=None):
-        made.append(RecordingQueue(config))
-        return made[-1]
+        counters: Counter[str] = Counter()
+        made.append(RecordingQueue(config, counters))
+        return Transport(made[-1], LocalJobQueue(config, counters), LocalEventBus())
 
-    monkeypatch.setattr("neeko.service.open_queue", make)
+    monkeypatch.setattr("neeko.wiring.open_transport", make)
     return made
 
 
@@ -89,19 +99,20 @@ async def _count(service, model):
 
 
 async def test_reply_streams_and_equals_the_engine(settings, recorded):
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, _):
         assert (await service.become("c", ANN, "Birch")).ok
         streamed = []
 
-        async def on_text(text):
-            streamed.append(text)
+        async def on_text(speaker, text):
+            streamed.append((speaker, text))
 
         answer = await service.handle_message("c", ANN, "Hello there!", "101", on_text)
         turn = recorded[0].turns[-1]
     assert answer.ok
     assert answer.kind == "reply"
     assert answer.speaker.name == "Birch"
-    assert (streamed and streamed[-1] == answer.text.strip()) or answer.text == "…"
+    assert all(speaker == answer.speaker for speaker, _ in streamed)
+    assert (streamed and streamed[-1][1] == answer.text.strip()) or answer.text == "…"
     assert turn.character == "birch"
     assert turn.messages[-1].content == "Ann: Hello there!"
     assert turn.messages[0].role == "system"
@@ -109,7 +120,7 @@ async def test_reply_streams_and_equals_the_engine(settings, recorded):
     rt = open_runtime(settings.store, "tiny")
     req = GenerationRequest(
         [m.model_dump() for m in turn.messages],
-        rt.catalog.gate("birch"),
+        rt.gate("birch"),
         turn.sampling.params(),
     )
     assert answer.text == rt.engine.generate([req])[0].text.strip()
@@ -125,12 +136,12 @@ def any_database(request, settings):
 
 async def test_history_survives_a_restart(any_database, recorded):
     settings = any_database
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, _):
         await service.become("c", ANN, "Cedar")
         first = await service.handle_message("c", ANN, "My name is Ann.", "1")
         await service.handle_message("c", BOB, "And I am Bob.", "2")
-    async with open_service(settings) as service:
-        assert (await service.speaker("c")).name == "Cedar"
+    async with open_services(settings) as (service, _):
+        assert (await service.speaker("c", LOCAL)).name == "Cedar"
         await service.handle_message("c", ANN, "Who am I?", "3")
     contents = [m.content for m in recorded[-1].turns[-1].messages[1:]]
     assert contents[:2] == ["Ann: My name is Ann.", first.text]
@@ -139,7 +150,7 @@ async def test_history_survives_a_restart(any_database, recorded):
 
 
 async def test_two_messages_at_once_are_answered_in_order(settings, recorded):
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, _):
         first, second = await asyncio.gather(
             service.handle_message("c", ANN, "first", "a1"),
             service.handle_message("c", BOB, "second", "a2"),
@@ -154,7 +165,7 @@ async def test_two_messages_at_once_are_answered_in_order(settings, recorded):
 
 async def test_bad_input_is_refused_and_changes_nothing(settings, recorded):
     settings = settings.model_copy(update={"cooldown_s": 60, "max_message_chars": 50})
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, moderation):
         too_long = await service.handle_message("c", ANN, "x" * 51, "1")
         assert not too_long.ok
         assert "limit is 50" in too_long.text
@@ -164,18 +175,18 @@ async def test_bad_input_is_refused_and_changes_nothing(settings, recorded):
         unknown = await service.become("c", ANN, "Birhc")
         assert not unknown.ok
         assert unknown.suggestions == ["Birch"]
-        assert (await service.speaker("c")).name == NAMES[0]
+        assert (await service.speaker("c", LOCAL)).name == NAMES[0]
         assert await _count(service, db.MessageRow) == 2
-        refused = await service.submit_character(ANN, name="Zed", profile="A zebra.")
+        refused = await moderation.submit(ANN, name="Zed", profile="A zebra.")
         assert not refused.ok
         assert "moderators" in refused.text
-        bad = await service.submit_character(MOD, card=b"{not json", filename="x.json")
+        bad = await moderation.submit(MOD, card=b"{not json", filename="x.json")
         assert not bad.ok
         assert "not added" in bad.text
-        huge = await service.submit_character(MOD, card=b" " * 2_000_000, filename="x.json")
+        huge = await moderation.submit(MOD, card=b" " * 2_000_000, filename="x.json")
         assert not huge.ok
         assert await _count(service, db.CharacterRow) == 0
-        assert service.catalog.find("Zed") is None
+        assert service.catalog.find("Zed") is None  # in no scope at all
 
 
 async def test_mentions_in_model_output_cannot_ping(settings):
@@ -183,7 +194,7 @@ async def test_mentions_in_model_output_cannot_ping(settings):
     url = db.database_url(None, settings.db_path)
     await db.upgrade(url)
     engine = db.make_engine(url)
-    queue = LocalQueue()
+    queue = LocalTurnQueue()
     service = ChatService(
         settings, db.sessionmaker(engine), queue, Catalog.open(settings.store), len
     )
@@ -206,7 +217,7 @@ async def test_mentions_in_model_output_cannot_ping(settings):
 
 
 async def test_persona_and_reset(settings, recorded):
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, _):
         persona = await service.become("c", ANN, "a grumpy old lighthouse keeper")
         assert persona.ok
         assert persona.speaker.name == "a grumpy old lighthouse keeper"
@@ -223,7 +234,7 @@ async def test_persona_and_reset(settings, recorded):
 
 async def test_history_cut_is_announced_once(settings, recorded):
     settings = settings.model_copy(update={"history_tokens": 64})
-    async with open_service(settings) as service:
+    async with open_services(settings) as (service, _):
         notices = []
         for i in range(6):
             answer = await service.handle_message("c", ANN, f"message {i} " * 5, str(i))
@@ -240,25 +251,25 @@ async def test_submit_then_train_a_character(settings, recorded):
         progress.append(line)
 
     dialogues = NOVA_DIALOGUES
-    async with open_service(settings) as service:
-        added = await service.submit_character(MOD, name="Nova", profile="A loud comet.")
+    async with open_services(settings) as (service, moderation):
+        added = await moderation.submit(MOD, name="Nova", profile="A loud comet.")
         assert added.ok
         assert (await service.become("c", ANN, "nova")).ok
         await service.handle_message("c", ANN, "hi", "1")
         assert recorded[0].turns[-1].mix  # fused: a mix over trained characters
-        bad = await service.train_character(MOD, "Nova", "c", b'{"character": "Other"}')
+        bad = await moderation.train(MOD, "Nova", "c", b'{"character": "Other"}')
         assert not bad.ok
-        started = await service.train_character(MOD, "Nova", "c", dialogues, on_progress)
+        started = await moderation.train(MOD, "Nova", "c", dialogues, on_progress)
         assert started.ok, started.text
         while not any("block of its own" in p or "failed" in p for p in progress):
             await asyncio.sleep(0.1)
         assert "block of its own" in progress[-1]
-        assert (await service.character_status("Nova")).text.startswith("**Nova**: trained")
+        assert (await moderation.status(MOD, "Nova")).text.startswith("**Nova**: trained")
         answer = await service.handle_message("c", ANN, "hi again", "2")
         assert answer.ok
-        assert recorded[0].turns[-1].character == "nova"
-    async with open_service(settings) as service:  # still trained after a restart
-        assert service.catalog.find("Nova").status == "trained"
+        assert recorded[0].turns[-1].character == "local.nova"  # the terminal scope's key
+    async with open_services(settings) as (service, _):  # still trained after a restart
+        assert service.catalog.find("Nova", LOCAL).status == "trained"
 
 
 def test_terminal_chat_with_piped_stdin(settings):
@@ -292,8 +303,8 @@ def test_terminal_chat_with_piped_stdin(settings):
 
 
 async def test_greeting_opens_the_conversation(settings, recorded):
-    async with open_service(settings) as service:
-        await service.submit_character(MOD, name="Zed", profile="A zebra.", greeting="Hi! Zed.")
+    async with open_services(settings) as (service, moderation):
+        await moderation.submit(MOD, name="Zed", profile="A zebra.", greeting="Hi! Zed.")
         became = await service.become("c", ANN, "Zed")
         assert became.greeting == "Hi! Zed."
         await service.handle_message("c", ANN, "hello", "1")
@@ -305,9 +316,9 @@ async def test_greeting_opens_the_conversation(settings, recorded):
 
 async def test_character_list_describes_with_the_first_sentence(settings, recorded):
     profile = "Zed is a zebra raised by Dr. Ada Lyle. He loves tea. He hates rain."
-    async with open_service(settings) as service:
-        assert (await service.submit_character(MOD, name="Zed", profile=profile)).ok
-        infos = {c.name: c for c in await service.characters()}
+    async with open_services(settings) as (service, moderation):
+        assert (await moderation.submit(MOD, name="Zed", profile=profile)).ok
+        infos = {c.name: c for c in await service.characters(LOCAL)}
     assert infos["Zed"].description == "Zed is a zebra raised by Dr. Ada Lyle."
     assert infos["Zed"].status == "fused"
     assert infos["Birch"].status == "trained"
@@ -324,49 +335,62 @@ async def database(settings):
     await engine.dispose()
 
 
-def _service(settings, sessions, queue):
-    return ChatService(settings, sessions, queue, Catalog.open(settings.store), len)
+def _services(settings, sessions, transport):
+    """A chat service and moderation as `open_services` wires them: over one catalog (and
+    its follower of the transport's events); tokens counted as characters."""
+    catalog = Catalog.open(settings.store)
+    chat = ChatService(settings, sessions, transport.turns, catalog, len)
+    follower = CatalogFollower(catalog, transport.events)
+    moderation = Moderation(
+        settings, sessions, transport.jobs, transport.events, follower, len, chat.context_tokens
+    )
+    return chat, moderation
 
 
 async def test_training_outlives_a_restart_of_the_front_end(settings, database):
-    queue = LocalQueue()  # stands for Redis: it outlives the front end
-    first = _service(settings, database, queue)
-    assert (await first.submit_character(MOD, name="Nova", profile="A loud comet.")).ok
-    assert (await first.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok  # no trainer yet
+    transport = open_transport("")  # stands for Redis: it outlives the front end
+    _, first = _services(settings, database, transport)
+    assert (await first.submit(MOD, name="Nova", profile="A loud comet.")).ok
+    assert (await first.train(MOD, "Nova", "c", NOVA_DIALOGUES)).ok  # no trainer yet
     await first.aclose()
-    second = _service(settings, database, queue)
+    chat, second = _services(settings, database, transport)
     lines = []
 
     async def announce(channel, line):
         lines.append((channel, line))
 
     second.announce = announce
-    await second.moderation.load_submitted()
-    assert second.catalog.find("Nova").status == "training"
-    trainer = Trainer(queue, open_runtime(settings.store, "tiny"), name="t")
+    await second.load_submitted()
+    assert chat.catalog.find("Nova", LOCAL).status == "training"
+    trainer = Trainer(
+        transport.jobs, transport.events, open_runtime(settings.store, "tiny"), name="t"
+    )
     task = asyncio.create_task(trainer.run())
     async with asyncio.timeout(120):
         while not any("block of its own" in line for _, line in lines):
             await asyncio.sleep(0.1)
     trainer.stop()
     await task
-    assert (await second.character_status("Nova")).text.startswith("**Nova**: trained")
+    assert (await second.status(MOD, "Nova")).text.startswith("**Nova**: trained")
+    assert chat.catalog.find("Nova", LOCAL).status == "trained"  # one catalog, both see it
     assert {channel for channel, _ in lines} == {"c"}
     await second.aclose()
+    await transport.close()
 
 
 async def test_a_training_job_lost_in_a_restart_can_be_run_again(settings, database):
-    first = _service(settings, database, LocalQueue())
-    assert (await first.submit_character(MOD, name="Nova", profile="A loud comet.")).ok
-    assert (await first.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
+    _, first = _services(settings, database, open_transport(""))
+    assert (await first.submit(MOD, name="Nova", profile="A loud comet.")).ok
+    assert (await first.train(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
     await first.aclose()
-    second = _service(settings, database, LocalQueue())  # the in-process queue died with it
-    await second.moderation.load_submitted()
-    status = (await second.character_status("Nova")).text
+    # the in-process queues died too
+    _, second = _services(settings, database, open_transport(""))
+    await second.load_submitted()
+    status = (await second.status(MOD, "Nova")).text
     assert status.startswith("**Nova**: fused")
     assert "failed" in status
     assert "interrupted by a restart" in status
-    assert (await second.train_character(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
+    assert (await second.train(MOD, "Nova", "c", NOVA_DIALOGUES)).ok
     await second.aclose()
 
 
@@ -392,8 +416,8 @@ async def test_terminal_moderator_commands(settings, tmp_path):
         return next(script, None)
 
     out = io.StringIO()
-    async with open_service(settings) as service:
-        await Terminal(service, "t", "Ann", out).run(read_line)
+    async with open_services(settings) as (service, moderation):
+        await Terminal(service, moderation, "t", "Ann", out).run(read_line)
     lines = out.getvalue().splitlines()
     assert any(line.startswith("[**Nell Harrow** is playable now") for line in lines)
     assert any(line.startswith("[**Nova** is playable now") for line in lines)
@@ -403,14 +427,15 @@ async def test_terminal_moderator_commands(settings, tmp_path):
     assert "[No such file: missing.jsonl]" in lines
     assert any(line.startswith("[**Nova**: training") for line in lines)
     assert lines[-1] == "[Nova has a block of its own now.]"
-    async with open_service(settings) as service:
-        assert service.catalog.find("Nova").status == "trained"
+    async with open_services(settings) as (service, _):
+        assert service.catalog.find("Nova", LOCAL).status == "trained"
 
 
 async def test_terminal_shows_a_streamed_reply_once(settings, database):
     """Chunks with leading and trailing whitespace, a final text stripped: printed once."""
-    queue = LocalQueue()
-    service = _service(settings, database, queue)
+    transport = open_transport("")
+    queue = transport.turns
+    service, moderation = _services(settings, database, transport)
     await queue.heartbeat("hand")
 
     async def hand_worker():
@@ -422,14 +447,15 @@ async def test_terminal_shows_a_streamed_reply_once(settings, database):
 
     task = asyncio.create_task(hand_worker())
     out = io.StringIO()
-    await Terminal(service, "c", "Ann", out).message("hello")
+    await Terminal(service, moderation, "c", "Ann", out).message("hello")
     await task
     assert out.getvalue().splitlines() == [f"{NAMES[0]}: Hi there!"]
 
 
 async def test_a_channel_with_too_many_waiting_messages_turns_more_away(settings, database):
-    queue = LocalQueue()
-    service = _service(settings.model_copy(update={"max_pending": 2}), database, queue)
+    transport = open_transport("")
+    queue = transport.turns
+    service, _ = _services(settings.model_copy(update={"max_pending": 2}), database, transport)
     await queue.heartbeat("hand")
     answering = asyncio.Event()
 

@@ -11,7 +11,6 @@ moderators without Manage Server.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -29,11 +28,13 @@ from bot.sender import (
     split_message,
     with_notices,
 )
-from neeko.chat_types import Author, CharacterInfo, Speaker
+from neeko.characters import guild_scope
+from neeko.chat_types import Author, CharacterInfo
 from neeko.settings import DiscordSettings
 
 if TYPE_CHECKING:
     from neeko.chat import ChatService
+    from neeko.moderation import Moderation
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ class CharactersCog(commands.Cog):
     def __init__(
         self,
         service: ChatService,
+        moderation: Moderation,
         settings: DiscordSettings,
         webhooks: WebhookCache | None = None,
     ) -> None:
         self.service = service
+        self.moderation = moderation
         self.settings = settings
         self.webhooks = webhooks or WebhookCache()
         """Shared with the chat cog: one webhook per channel."""
@@ -81,17 +84,14 @@ class CharactersCog(commands.Cog):
             text = f"{text}\nDid you mean: {names}?"
         await _reply(interaction, text)
         if answer.ok:
-            speaker = answer.speaker or await self.service.speaker(channel)
+            speaker = answer.speaker or await self.service.speaker(channel, _scope(interaction))
             await _announce(
                 interaction,
                 f"{_who(interaction)} chose **{discord.utils.escape_markdown(speaker.name)}** "
                 "to speak here.",
             )
             if answer.greeting and isinstance(interaction.channel, discord.abc.Messageable):
-                poster = ChannelPoster(
-                    interaction.channel, self.webhooks, functools.partial(_same, speaker)
-                )
-                poster.speaker = speaker
+                poster = ChannelPoster(interaction.channel, self.webhooks, speaker)
                 with contextlib.suppress(discord.HTTPException):
                     for chunk in split_message(answer.greeting):
                         await poster.send(chunk)
@@ -101,7 +101,7 @@ class CharactersCog(commands.Cog):
     async def characters(self, interaction: discord.Interaction) -> None:
         """List the characters and their status."""
         await interaction.response.defer(ephemeral=True)
-        infos = await self.service.characters()
+        infos = await self.service.characters(_scope(interaction))
         await interaction.followup.send(
             embed=characters_embed(infos), ephemeral=True, allowed_mentions=NO_MENTIONS
         )
@@ -125,6 +125,7 @@ class CharactersCog(commands.Cog):
         name="The character's name (without a card)",
         profile="Who the character is (without a card)",
         greeting="The character's first message (optional)",
+        shared="Add it to the shared cast, seen in every server (the bot's owners only)",
     )
     async def submit(
         self,
@@ -133,6 +134,7 @@ class CharactersCog(commands.Cog):
         name: str | None = None,
         profile: str | None = None,
         greeting: str | None = None,
+        shared: bool = False,
     ) -> None:
         """Add a character from a card or from a name and profile; it is fused at once."""
         await interaction.response.defer(ephemeral=True)
@@ -146,13 +148,14 @@ class CharactersCog(commands.Cog):
                 await _reply(interaction, error)
                 return
             data, filename = await card.read(), card.filename
-        answer = await self.service.submit_character(
+        answer = await self.moderation.submit(
             author,
             card=data,
             filename=filename,
             name=name,
             profile=profile,
             greeting=greeting or "",
+            shared=shared,
         )
         await _reply(interaction, answer.text)
 
@@ -179,7 +182,7 @@ class CharactersCog(commands.Cog):
                 await _reply(interaction, error)
                 return
             data = await dialogues.read()
-        answer = await self.service.train_character(
+        answer = await self.moderation.train(
             author,
             name,
             _channel_key(interaction),
@@ -193,7 +196,7 @@ class CharactersCog(commands.Cog):
     async def status(self, interaction: discord.Interaction, name: str) -> None:
         """Show whether a character is fused, training or trained."""
         await interaction.response.defer(ephemeral=True)
-        answer = await self.service.character_status(name)
+        answer = await self.moderation.status(self._author(interaction), name)
         await _reply(interaction, answer.text)
 
     @status.autocomplete("name")
@@ -203,7 +206,8 @@ class CharactersCog(commands.Cog):
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
         """Character names that match what was typed so far (only suggestions)."""
-        names = self.service.autocomplete(current, limit=MAX_CHOICES)[:MAX_CHOICES]
+        names = self.service.autocomplete(current, _scope(interaction), limit=MAX_CHOICES)
+        names = names[:MAX_CHOICES]
         return [app_commands.Choice(name=n[:100], value=n[:100]) for n in names if n]
 
     async def cog_app_command_error(
@@ -220,7 +224,7 @@ class CharactersCog(commands.Cog):
                 await interaction.response.send_message(text, ephemeral=True)
 
     def _author(self, interaction: discord.Interaction) -> Author:
-        return author_of(interaction.user, self.settings)
+        return author_of(interaction.user, self.settings, interaction.guild_id)
 
     def _refusal(self) -> str:
         role = self.settings.moderator_role.strip()
@@ -286,8 +290,9 @@ async def _announce(interaction: discord.Interaction, text: str) -> None:
             await channel.send(text, allowed_mentions=NO_MENTIONS)
 
 
-async def _same(speaker: Speaker) -> Speaker:
-    return speaker
+def _scope(interaction: discord.Interaction) -> str:
+    """The scope of the server the interaction comes from."""
+    return guild_scope(interaction.guild_id or 0)
 
 
 def _channel_key(interaction: discord.Interaction) -> str:

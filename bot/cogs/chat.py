@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from bot.sender import (
     WebhookCache,
     with_notices,
 )
+from neeko.chat_types import Speaker
 from neeko.settings import DiscordSettings
 
 if TYPE_CHECKING:
@@ -83,22 +83,25 @@ class ChatCog(commands.Cog):
 
     async def _answer(self, message: discord.Message) -> None:
         channel = str(message.channel.id)
-        poster = ChannelPoster(
-            message.channel, self.webhooks, functools.partial(self.service.speaker, channel)
-        )
+        poster = ChannelPoster(message.channel, self.webhooks)
         stream = ReplyStream(poster.send, interval=self.edit_interval, clock=self.clock)
+
+        async def on_text(speaker: Speaker, text: str) -> None:
+            poster.speaker = speaker  # the reply says who speaks: nothing to ask the service
+            await stream.update(text)
+
+        guild = message.guild.id if message.guild is not None else None
         async with message.channel.typing():
             answer = await self.service.handle_message(
                 channel,
-                author_of(message.author, self.settings),
+                author_of(message.author, self.settings, guild),
                 message.clean_content,
                 str(message.id),
-                on_text=stream.update,
+                on_text=on_text,
             )
         text = with_notices(answer.text, answer.notices)
         if answer.ok and answer.kind == "reply":
-            if poster.speaker is None:
-                poster.speaker = answer.speaker
+            poster.speaker = answer.speaker
             await stream.finish(text)
         elif text.strip():
             await message.reply(

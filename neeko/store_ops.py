@@ -1,4 +1,4 @@
-"""End-to-end operations on a character store, shared by the CLI and the services.
+"""End-to-end operations on a character store, for the command line.
 
 Each opens what it needs (model, bank, catalog), does one job and leaves the store
 consistent: train the starter cast, expand a store by one character, fuse a card, evaluate.
@@ -9,75 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from neeko import model as model_lib
 from neeko.cards import CharacterCard
-from neeko.characters import CAST_DIR, Catalog, CatalogError, read_cast, slug
+from neeko.catalog import Catalog
+from neeko.characters import CAST_DIR, SHARED, CatalogError, read_cast
 from neeko.dialogues import Dialogue, read_dialogues
-from neeko.engine import Engine
 from neeko.evaluate import Shared, evaluate
 from neeko.gating import GateConfig
 from neeko.lora import BankConfig, LoRABank
-from neeko.model import LoadedModel, cache_dir
+from neeko.model import cache_dir
+from neeko.runtime import CAST_STORE, Runtime, empty_runtime, open_runtime
 from neeko.train import TrainConfig, TrainReport, character_examples, expand, pretune, train_blocks
-
-CAST_STORE = CAST_DIR / "store"
-
-
-@dataclass
-class Runtime:
-    """A loaded model with a store's blocks in its bank."""
-
-    catalog: Catalog
-    loaded: LoadedModel
-    bank: LoRABank
-    engine: Engine
-
-
-def open_runtime(
-    store: str | Path = CAST_STORE, model: str = "default", device: str | None = None
-) -> Runtime:
-    """Load `model`, wrap it in a bank and load every trained block of `store`."""
-    catalog = Catalog.open(store)
-    if catalog.model and catalog.model != model:
-        raise CatalogError(
-            f"{store}: blocks were trained on model {catalog.model!r}, not {model!r}"
-        )
-    loaded = model_lib.load(model, device=device)
-    bank = LoRABank(loaded.model, BankConfig())
-    catalog.load_blocks(bank)
-    return Runtime(catalog, loaded, bank, Engine(loaded, bank))
-
-
-def untrained_cast_runtime(model: str = "default", device: str | None = None) -> Runtime:
-    """The starter cast with fresh blocks (the base model until `neeko train --cast`)."""
-    catalog = Catalog()
-    loaded = model_lib.load(model, device=device)
-    bank = LoRABank(loaded.model, BankConfig())
-    for member, block in zip(read_cast(), bank.add_blocks(len(read_cast())), strict=True):
-        catalog.add(member.card, "trained").block = block
-    return Runtime(catalog, loaded, bank, Engine(loaded, bank))
-
-
-def untrained_cast_store(folder: str | Path, model: str, device: str | None = None) -> Catalog:
-    """A store of the starter cast for `model` with empty blocks (the base model's voice).
-
-    For models the committed blocks were not trained on; `neeko train --cast --model M
-    --store DIR` trains them.
-    """
-    rt = untrained_cast_runtime(model, device)
-    catalog = Catalog(folder)
-    catalog.model = model
-    for char in rt.catalog.trained():
-        catalog.characters[char.key] = char
-        catalog.embeddings[char.key] = rt.catalog.embeddings[char.key]
-        rt.bank.save_block(char.block, catalog.block_path(char.key), meta={"character": char.name})
-    catalog.save()
-    return catalog
 
 
 def train_cast(
@@ -89,11 +35,9 @@ def train_cast(
 ) -> tuple[Catalog, TrainReport]:
     """Pre-tune the starter cast from scratch into `store` (one block per member)."""
     members = [(m.card, read_dialogues(m.train)) for m in read_cast()]
-    loaded = model_lib.load(model, device=device)
-    bank = LoRABank(loaded.model, BankConfig())
-    catalog = Catalog(store)
-    report = pretune(catalog, loaded, bank, members, config, checkpoint_dir)
-    return catalog, report
+    rt = empty_runtime(Catalog(store), model, device)
+    report = pretune(rt, members, config, checkpoint_dir)
+    return rt.catalog, report
 
 
 def expand_store(
@@ -109,7 +53,9 @@ def expand_store(
     existing = rt.catalog.find(card.name)
     if existing is not None and existing.status == "trained":
         raise CatalogError(f"{card.name!r} already has a trained block")
-    report = expand(rt.catalog, rt.loaded, rt.bank, card, dialogues, config)
+    key = existing.key if existing is not None else None
+    scope = existing.scope if existing is not None else SHARED
+    report = expand(rt, card, dialogues, config, key=key, scope=scope)
     return rt, report
 
 
@@ -120,7 +66,7 @@ def fuse_card(
     catalog = Catalog.open(store)
     catalog.encoder  # noqa: B018 (load the encoder before timing the fusion itself)
     t0 = time.perf_counter()
-    catalog.fuse(card, config)
+    catalog.add(card, SHARED, "fused", config=config)
     catalog.save()
     return catalog, time.perf_counter() - t0
 
@@ -176,11 +122,9 @@ def train_store(
     members = group_by_character(cards, dialogues)
     if (Path(store) / "manifest.json").exists():
         rt = open_runtime(store, model, device)
-        catalog, loaded, bank = rt.catalog, rt.loaded, rt.bank
     else:
-        catalog, loaded = Catalog(store), model_lib.load(model, device=device)
-        bank = LoRABank(loaded.model, BankConfig())
-    return catalog, pretune(catalog, loaded, bank, members, config, checkpoint_dir)
+        rt = empty_runtime(Catalog(store), model, device)
+    return rt.catalog, pretune(rt, members, config, checkpoint_dir)
 
 
 def eval_store(
@@ -207,7 +151,7 @@ def eval_store(
             cards, [d for d in train if d.character in {c.name for c in cards}]
         )
         shared = shared_baseline(members, model, config or TrainConfig(), device)
-    result = evaluate(rt.catalog, rt.loaded, rt.bank, by_key, shared, roles)
+    result = evaluate(rt, by_key, shared, roles)
     result["model"] = model
     return result
 
@@ -218,11 +162,11 @@ def eval_cast(
     """The eval table of the starter cast on its held-out split, with the shared baseline."""
     cast = read_cast()
     rt = open_runtime(CAST_STORE, model, device)
-    heldout = {slug(m.card.name): read_dialogues(m.heldout) for m in cast}
+    heldout = {rt.catalog.find(m.card.name).key: read_dialogues(m.heldout) for m in cast}
     members = [(m.card, read_dialogues(m.train)) for m in cast]
     shared = shared_baseline(members, model, config or TrainConfig(), device)
     roles = read_roles(CAST_DIR / "roles.jsonl")
-    result = evaluate(rt.catalog, rt.loaded, rt.bank, heldout, shared, roles)
+    result = evaluate(rt, heldout, shared, roles)
     result["model"] = model
     return result
 

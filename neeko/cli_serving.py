@@ -7,14 +7,13 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import uuid
-from pathlib import Path
 
 from neeko.errors import NeekoError
-from neeko.queue import QueueConfig, TurnQueue, open_queue
+from neeko.queue import QueueConfig
+from neeko.transport import Transport, open_transport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -52,39 +51,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     job.set_defaults(func=job_main)
 
 
-def _queue(url: str | None, config: QueueConfig | None = None) -> TurnQueue:
+def _transport(url: str | None, config: QueueConfig | None = None) -> Transport:
     url = url or os.environ.get("REDIS_URL", "")
     if not url:
         raise NeekoError("set REDIS_URL or pass --redis-url (workers serve a Redis queue)")
-    return open_queue(url, config)
-
-
-def writable_store(path: str | Path, model: str = "default") -> Path:
-    """A store one may train into, created if missing as the starter cast for `model`.
-
-    That is a copy of the committed store when its blocks were trained on `model`, else
-    the cast with empty blocks (the base model's voice) until it is trained.
-    """
-    from filelock import FileLock
-
-    from neeko.characters import Catalog
-    from neeko.workflows import CAST_STORE, untrained_cast_store
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # several processes may start at once
-        if (path / "manifest.json").exists():
-            return path
-        if Catalog.open(CAST_STORE).model == model:
-            shutil.copytree(CAST_STORE, path, dirs_exist_ok=True)
-        else:
-            logging.getLogger("neeko").warning(
-                "no trained cast blocks for model %r: the cast starts with empty blocks in %s",
-                model,
-                path,
-            )
-            untrained_cast_store(path, model)
-    return path
+    return open_transport(url, config)
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -95,24 +66,30 @@ def worker_main(args: argparse.Namespace) -> int:
         claim_idle_ms=args.claim_idle_ms,
         job_idle_ms=args.job_idle_ms,
     )
-    queue = _queue(args.redis_url, config)
-    return asyncio.run(_serve(queue, args))
+    transport = _transport(args.redis_url, config)
+    return asyncio.run(_serve(transport, args))
 
 
-async def _serve(queue: TurnQueue, args: argparse.Namespace) -> int:
+async def _serve(transport: Transport, args: argparse.Namespace) -> int:
+    from neeko.follower import CatalogFollower
+    from neeko.runtime import CAST_STORE, open_runtime, writable_store
     from neeko.worker import Trainer, Worker, WorkerConfig
-    from neeko.workflows import CAST_STORE, open_runtime
 
     named = args.store or os.environ.get("NEEKO_STORE")
     if args.train and not named:
         raise NeekoError("a trainer writes blocks: pass --store DIR (or set NEEKO_STORE)")
     store = writable_store(named, args.model) if named else CAST_STORE
     runtime = await asyncio.to_thread(open_runtime, store, args.model, args.device)
+    follower = CatalogFollower(runtime.catalog, transport.events)
     if args.train:
-        server: Worker | Trainer = Trainer(queue, runtime, name=args.name)
+        await follower.poll()  # learn the characters submitted elsewhere (their keys)
+        follower.start()
+        server: Worker | Trainer = Trainer(
+            transport.jobs, transport.events, runtime, name=args.name
+        )
     else:
         cfg = WorkerConfig(max_batch=args.max_batch, gather_ms=args.gather_ms, log_s=args.log_s)
-        server = Worker(queue, runtime, cfg, name=args.name)
+        server = Worker(transport.turns, follower, runtime, cfg, name=args.name)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
@@ -121,7 +98,8 @@ async def _serve(queue: TurnQueue, args: argparse.Namespace) -> int:
     try:
         await server.run(burst=args.burst)
     finally:
-        await queue.close()
+        await follower.stop()
+        await transport.close()
     return 0
 
 
@@ -129,11 +107,8 @@ def status_main(args: argparse.Namespace) -> int:
     """Print the queue's counters as one JSON object."""
 
     async def run() -> dict:
-        queue = _queue(args.redis_url)
-        try:
-            return await queue.stats()
-        finally:
-            await queue.close()
+        async with _transport(args.redis_url) as transport:
+            return await transport.turns.stats()
 
     print(json.dumps(asyncio.run(run())))
     return 0
@@ -141,11 +116,12 @@ def status_main(args: argparse.Namespace) -> int:
 
 def job_main(args: argparse.Namespace) -> int:
     """Queue an expansion job and print its progress until it ends."""
-    from neeko.cli import _read_card
+    from neeko.cards import read_card_file
+    from neeko.characters import SHARED, scope_key
     from neeko.dialogues import read_dialogues
     from neeko.protocol import TrainJob
 
-    card = _read_card(args.card)
+    card = read_card_file(args.card)
     dialogues = read_dialogues(args.data)
     rows = [
         {
@@ -156,6 +132,7 @@ def job_main(args: argparse.Namespace) -> int:
     ]
     job = TrainJob(
         id=args.id or f"job-{uuid.uuid4().hex[:12]}",
+        key=scope_key(SHARED, card.name),
         card=card.to_dict(),
         dialogues=rows,
         epochs=args.epochs,
@@ -163,17 +140,14 @@ def job_main(args: argparse.Namespace) -> int:
     )
 
     async def run() -> int:
-        queue = _queue(args.redis_url)
-        try:
-            status = await queue.submit_job(job, card.name)
+        async with _transport(args.redis_url) as transport:
+            status = await transport.jobs.submit(job, card.name)
             print(json.dumps(status.model_dump()), flush=True)
             if args.no_wait:
                 return 0
-            async for status in queue.watch_job(job.id):
+            async for status in transport.jobs.watch(job.id):
                 print(json.dumps(status.model_dump()), flush=True)
             return 0 if status.state == "done" else 1
-        finally:
-            await queue.close()
 
     code = asyncio.run(run())
     if code:
