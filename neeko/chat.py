@@ -250,7 +250,7 @@ class ChatService:
             names = ", ".join(found.suggestions)
             return refusal(
                 f"No character is called {text!r}. Did you mean: {names}?",
-                suggestions=found.suggestions,
+                suggestions=list(found.suggestions),
             )
         async with self._lock(channel), self.sessions() as s:
             state = await self._state(s, channel, author.scope)
