@@ -109,7 +109,7 @@ class Moderation:
         except NeekoError as exc:
             return refusal(f"Character not added: {exc}")
         mix = ", ".join(f"{self.catalog.require(k).name} {w:.0%}" for k, w in char.mix.items())
-        where = "every server" if scope == SHARED else "this server"
+        where = "every server" if scope == SHARED else "here"
         return Answer(
             True,
             f"**{char.name}** is playable now in {where} (fused from {mix or 'the base model'}). "
