@@ -101,7 +101,7 @@ class Moderation:
             else:
                 return refusal("Attach a card, or give a name and a profile.")
             self._check_prompt(parsed)
-            await self._check_room(scope)
+            self._check_room(scope)
             pending = await asyncio.to_thread(
                 self.catalog.prepare, parsed, scope, "fused", submitted_by=author.id
             )
@@ -198,7 +198,7 @@ class Moderation:
                 f"(at least {MIN_HISTORY_TOKENS} are needed); shorten the profile"
             )
 
-    async def _check_room(self, scope: str) -> None:
+    def _check_room(self, scope: str) -> None:
         limit = self.settings.max_characters_per_scope
         if scope == SHARED:
             return

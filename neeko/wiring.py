@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from neeko import db
@@ -73,7 +73,9 @@ async def open_services(
         await engine.dispose()
 
 
-async def _token_counter(cfg: ChatSettings, embedded: _Embedded | None) -> tuple:
+async def _token_counter(
+    cfg: ChatSettings, embedded: _Embedded | None
+) -> tuple[Callable[[str], int], int]:
     """(count_tokens, context_tokens) of the model: the embedded worker's, else loaded."""
     from neeko.model import context_tokens, load_tokenizer
 
