@@ -6,7 +6,9 @@ event from another process) is a method of `Catalog`; nothing else builds or edi
 
 A store folder holds `manifest.json` (every character: card, scope, status and, for a fused
 one, its gate mix; keys once used), `roles.safetensors` (role embeddings),
-`gate.safetensors` (the learned gate's rows, when fitted) and `blocks/KEY.safetensors`.
+`gate.safetensors` (the learned gate's rows, when fitted), `blocks/KEY.safetensors` and,
+when the store was pre-tuned with one, `shared.safetensors`: the shared block every
+character's gate adds to its own (see `neeko.train.pretune`).
 Files are written to a temporary name and renamed into place, the manifest last.
 """
 
@@ -49,6 +51,7 @@ from neeko.protocol import CatalogEvent
 MANIFEST = "manifest.json"
 ROLES = "roles.safetensors"
 GATE = "gate.safetensors"
+SHARED_BLOCK = "shared.safetensors"
 STORE_VERSION = 2
 """Version 2 added scopes and retired keys, and names a fused gate `mix` (1 is read too)."""
 
@@ -74,6 +77,7 @@ class _Manifest(BaseModel):
     model: str = ""
     characters: list[_Entry]
     retired: list[str] = Field(default_factory=list)
+    shared_rank: int = Field(0, ge=0, le=4096)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Catalog:
         self.encoder_name = encoder
         self.model = ""
         """Base model the blocks were trained on (a block only fits that model)."""
+        self._shared_rank = 0
         self._chars: dict[str, Character] = {}
         self._retired: set[str] = set()
         self._embeddings: dict[str, Tensor] = {}
@@ -134,6 +139,7 @@ class Catalog:
             raise CatalogError(f"{path}: {_first_error(exc)}") from None
         catalog = cls(folder, manifest.encoder)
         catalog.model = manifest.model
+        catalog._shared_rank = manifest.shared_rank
         catalog._retired = {check_key(k) for k in manifest.retired}
         for i, entry in enumerate(manifest.characters):
             catalog._restore_entry(entry, f"{path}: characters[{i}]")
@@ -184,9 +190,38 @@ class Catalog:
                 "model": self.model,
                 "characters": [_entry(c) for c in self._chars.values()],
                 "retired": sorted(self._retired),
+                **({"shared_rank": self._shared_rank} if self._shared_rank else {}),
             }
         text = json.dumps(manifest, indent=2, ensure_ascii=False)
         _atomic(self.folder / MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+    @property
+    def shared_rank(self) -> int:
+        """Rank of the store's shared block (0: none; every gate is the character's own)."""
+        return self._shared_rank
+
+    def shared_path(self) -> Path:
+        """Where the shared block lives: inside the store, never through a link."""
+        if self.folder is None:
+            raise CatalogError("this catalog has no store folder")
+        path = self.folder / SHARED_BLOCK
+        if path.is_symlink():
+            raise CatalogError(f"{path} is a symbolic link; blocks must lie in the store")
+        return path
+
+    def set_shared(self, rank: int) -> None:
+        """Record a shared block of `rank`; only while no character is trained yet."""
+        with self._lock:
+            if self._shared_rank and rank != self._shared_rank:
+                raise CatalogError(
+                    f"the store already has a shared block of rank {self._shared_rank}"
+                )
+            if not self._shared_rank and self.trained():
+                raise CatalogError(
+                    "the store has trained characters without a shared block; adding one "
+                    "would change how they sound"
+                )
+            self._shared_rank = rank
 
     def block_path(self, key: str) -> Path:
         """Where a character's block lives: inside the store, never through a link."""

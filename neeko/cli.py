@@ -10,9 +10,20 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from neeko.errors import NeekoError
 
+TRAIN_DEFAULTS = {
+    "epochs": 2,
+    "lr": 2e-3,
+    "batch_size": 4,
+    "seed": 0,
+    "shared_rank": 16,
+    "schedule": "joint",
+}
+"""`neeko.train.TrainConfig`'s defaults, without importing torch for `--help` (a test checks
+that they agree)."""
 DEMO_QUESTION = "What do you think is hidden in the old lighthouse?"
 DEMO_PERSONA = "a grumpy old lighthouse keeper who hates visitors"
 
@@ -33,8 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command's `--help` shows its defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neeko", description=__doc__)
+    parser = _Parser(prog="neeko", description=__doc__)
     sub = parser.add_subparsers(title="commands")
 
     demo = sub.add_parser("demo", help="two characters answer in one mixed batch")
@@ -75,7 +94,63 @@ def _parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_db_commands(sub)
+    _data_commands(sub)
     return parser
+
+
+def _data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="import training data")
+    data_sub = data.add_subparsers(title="importers")
+    tr = data_sub.add_parser(
+        "transcript",
+        help="a speaker-labelled transcript (e.g. a play) as cards and train/test dialogues",
+        description="Speeches are blank-line separated, each opening with a 'SPEAKER:' line. "
+        "Each chosen speaker's speeches become character turns, the speeches before them the "
+        "user turns; the split is contiguous (the last dialogues of each speaker are held out).",
+    )
+    tr.add_argument("file", help="the transcript (UTF-8 text)")
+    tr.add_argument("--out", required=True, help="folder for cards/, train.jsonl, test.jsonl")
+    tr.add_argument("--characters", type=int, default=9, help="speakers with the most words")
+    tr.add_argument("--names", nargs="+", default=[], help="speakers by name instead")
+    tr.add_argument("--exchanges", type=int, default=3, help="character turns per dialogue")
+    tr.add_argument("--context-speeches", type=int, default=2, help="speeches in a user turn")
+    tr.add_argument("--context-chars", type=int, default=600, help="user turn length cap")
+    tr.add_argument("--test-fraction", type=float, default=0.2, help="held-out share")
+    tr.add_argument("--max-train-dialogues", type=int, default=None, help="per speaker")
+    tr.add_argument("--source", default="the transcript", help="named in the cards' profiles")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=_data_transcript)
+
+
+def _data_transcript(args: argparse.Namespace) -> int:
+    from neeko.dialogues import DataError
+    from neeko.transcript import ImportOptions, import_transcript, parse_transcript, write_import
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+        options = ImportOptions(
+            characters=args.characters,
+            names=tuple(args.names),
+            exchanges=args.exchanges,
+            context_speeches=args.context_speeches,
+            context_chars=args.context_chars,
+            test_fraction=args.test_fraction,
+            max_train_dialogues=args.max_train_dialogues,
+            source=args.source,
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{args.file}: {exc}") from None
+    summary = write_import(import_transcript(parse_transcript(text, args.file), options), args.out)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    for name, row in summary["characters"].items():
+        print(
+            f"{name:<24} {row['words']:>6} words  {row['train_dialogues']:>3} train / "
+            f"{row['test_dialogues']:>2} test dialogues  {row['card']}"
+        )
+    print(f"wrote {args.out}/train.jsonl, test.jsonl and cards/")
+    return 0
 
 
 def _character_commands(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +191,13 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
     )
     fuse.set_defaults(func=_fuse)
 
-    ev = sub.add_parser("eval", help="held-out NLL per character (own / fused / base / shared)")
+    ev = sub.add_parser(
+        "eval",
+        help="held-out NLL per character (own / fused / base / shared LoRA), speaker id",
+        description="The shared-LoRA baseline is trained with the same budget options as "
+        "`neeko train` (pass the ones the store was trained with) and cached; the output "
+        "says where.",
+    )
     ev.add_argument("--cast", action="store_true", help="the starter cast's held-out split")
     ev.add_argument("--store", default=None, help="character store to evaluate")
     ev.add_argument("--data", nargs="+", default=[], help="held-out dialogues (JSONL)")
@@ -124,21 +205,38 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
         "--train-data", nargs="+", default=[], help="train the shared baseline on these"
     )
     ev.add_argument("--roles", default=None, help="JSONL of {description, character}")
-    ev.add_argument("--model", default="default")
-    ev.add_argument("--device", default=None)
+    ev.add_argument(
+        "--max-tokens", type=int, default=None, help="cut dialogues here (default: the model's)"
+    )
+    ev.add_argument("--no-speaker-id", action="store_true", help="skip speaker identification")
     ev.add_argument("--json", action="store_true")
+    _train_args(ev, checkpoint=False)
     ev.set_defaults(func=_eval)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--model", default="default", help="default | tiny | PATH | hub id")
     p.add_argument("--device", default=None)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
+    defaults = TRAIN_DEFAULTS
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the data")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="dialogues/step")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="data order seed")
+    p.add_argument(
+        "--shared-rank",
+        type=int,
+        default=defaults["shared_rank"],
+        help="rank of the shared block pre-tuning trains with the own blocks (0: none)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("joint", "staged"),
+        default=defaults["schedule"],
+        help="train shared and own blocks together, or the shared block first",
+    )
+    if checkpoint:
+        p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
 
 
 def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of TrainConfig)
@@ -150,6 +248,8 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         seed=args.seed,
+        shared_rank=args.shared_rank,
+        schedule=args.schedule,
     )
 
 
@@ -185,7 +285,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.baseline:
         members = _members(args)
         shared = shared_baseline(members, args.model, cfg, args.device)
-        print(f"shared LoRA of rank {shared.bank.config.rank} trained on {len(members)} characters")
+        done = "trained" if shared.trained else "found (already trained)"
+        print(
+            f"shared LoRA of rank {shared.bank.config.rank} on {len(members)} characters "
+            f"{done}: {shared.path}"
+        )
         return 0
     if args.cast:
         catalog, report = train_cast(
@@ -265,8 +369,9 @@ def _fuse(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from neeko.store_ops import eval_cast, eval_store, read_roles
 
+    cfg = _train_config(args)
     if args.cast:
-        result = eval_cast(args.model, device=args.device)
+        result = eval_cast(args.model, cfg, args.device, args.max_tokens)
     elif args.store and args.data:
         roles = read_roles(Path(args.roles)) if args.roles else None
         result = eval_store(
@@ -275,7 +380,10 @@ def _eval(args: argparse.Namespace) -> int:
             args.model,
             _dialogues(args.train_data) or None,
             roles,
-            device=args.device,
+            cfg,
+            args.device,
+            args.max_tokens,
+            not args.no_speaker_id,
         )
     else:
         raise _usage("eval needs --cast, or --store with --data")
@@ -284,8 +392,25 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     for name, row in result["characters"].items():
         cells = "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("nll"))
-        print(f"{name:<28} {cells}")
+        print(f"{name:<28} {cells}  [{row['status']}]")
     print(f"{'mean':<28} " + "  ".join(f"{k}={v:.3f}" for k, v in result["mean"].items()))
+    for label, c in result["compare"].items():
+        print(f"{label}: lower for {c['own_lower']} of {c['of']}, mean gain {c['mean_gain']:.3f}")
+    if "speaker_id" in result:
+        sid = result["speaker_id"]
+        print(
+            f"speaker identification: {sid['accuracy']:.3f} over {sid['turns']} turns "
+            f"(chance {sid['chance']:.3f})"
+        )
+    cut = result["cut"]
+    print(
+        f"cut at {cut['max_tokens']} tokens: {cut['dialogues_cut']} dialogues, "
+        f"{cut['tokens_dropped']} character tokens dropped"
+    )
+    if "baseline" in result:
+        b = result["baseline"]
+        how = "trained now" if b["trained_now"] else "cached"
+        print(f"shared LoRA baseline (rank {b['rank']}, {how}): {b['path']}")
     return 0
 
 

@@ -183,6 +183,9 @@ class Example:
     labels: list[int]
     character: str
     block: int | None = None
+    dropped: int = 0
+    """Tokens of the character's turns left out by the cut at `max_length` (their text's
+    tokens, without the chat template's)."""
 
 
 def encode(
@@ -194,21 +197,28 @@ def encode(
     by `max_length`, whatever the length of the dialogue.
     """
     enc = _Encoder(tokenizer, system, dialogue.source)
+    done = 0
     for role, text in dialogue.messages:
         room = max_length - len(enc.ids)
         if room <= 0:
             break
+        done += 1
         if role == "user":
             enc.add_user(text, room)
         elif enc.pending > room:  # the user turns before this reply fill the rest
             enc.add_context()
+            done -= 1
             break
         else:
             enc.add_reply(text)
     ids, labels = enc.ids[:max_length], enc.labels[:max_length]
     if all(label == IGNORE for label in labels):
         raise DataError(f"{dialogue.source}: no character tokens within {max_length} tokens")
-    return Example(ids, labels, dialogue.character)
+    dropped = sum(1 for t in enc.labels[max_length:] if t != IGNORE)
+    for role, text in dialogue.messages[done:]:
+        if role == "character":
+            dropped += len(enc.tokens(text))
+    return Example(ids, labels, dialogue.character, dropped=dropped)
 
 
 @dataclass
@@ -242,8 +252,8 @@ class _Encoder:
         full = _render(self.tokenizer, self.messages, generation_prompt=False)
         self._check_prefix(prompt)
         self._check_prefix(full, prompt)
-        context = self._tokens(prompt[len(self.rendered) :])
-        target = self._tokens(full[len(prompt) :])
+        context = self.tokens(prompt[len(self.rendered) :])
+        target = self.tokens(full[len(prompt) :])
         self.ids += context + target
         self.labels += [IGNORE] * len(context) + _until_eos(target, self.tokenizer.eos_token_id)
         self.rendered, self.pending = full, 0
@@ -252,7 +262,7 @@ class _Encoder:
         """Add the queued user turns as context only (they run past the cut)."""
         text = _render(self.tokenizer, self.messages, generation_prompt=False)
         self._check_prefix(text)
-        context = self._tokens(text[len(self.rendered) :])
+        context = self.tokens(text[len(self.rendered) :])
         self.ids += context
         self.labels += [IGNORE] * len(context)
         self.rendered, self.pending = text, 0
@@ -261,7 +271,8 @@ class _Encoder:
         if not text.startswith(self.rendered if prefix is None else prefix):
             raise DataError(f"{self.source}: the chat template is not prefix-stable")
 
-    def _tokens(self, text: str) -> list[int]:
+    def tokens(self, text: str) -> list[int]:
+        """`text`'s token ids, without special tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -481,16 +481,31 @@ class LoRABank(nn.Module):
 
     def save_block(self, k: int, path: str | Path, meta: Mapping[str, str] | None = None) -> Path:
         """Write block `k` as safetensors (atomically: temp file, then rename)."""
+        return self.save_blocks([k], path, meta)
+
+    def save_blocks(
+        self, ks: Sequence[int], path: str | Path, meta: Mapping[str, str] | None = None
+    ) -> Path:
+        """Write blocks `ks` as one LoRA of rank len(ks)*p (A stacked, B side by side).
+
+        The sum of the blocks at gate weight 1 is exactly that LoRA; `read_blocks` splits
+        it back. Written atomically (temp file, then rename).
+        """
+        if not ks:
+            raise ValueError("no blocks to save")
         path = Path(path)
+        parts = [self.get_block(k) for k in ks]
         tensors = {}
-        for name, (a, b) in self.get_block(k).items():
+        for name in self.module_names:
+            a = torch.cat([part[name][0] for part in parts])  # (len*p, d_in)
+            b = torch.cat([part[name][1] for part in parts], dim=1)  # (d_out, len*p)
             tensors[f"{name}.lora_A"] = a.float().contiguous().cpu()
             tensors[f"{name}.lora_B"] = b.float().contiguous().cpu()
         metadata = {
             "format": BLOCK_FORMAT,
             "version": BLOCK_VERSION,
-            "rank": str(self.config.rank),
-            "alpha": repr(self.config.alpha),
+            "rank": str(self.config.rank * len(ks)),
+            "alpha": repr(self.config.alpha * len(ks)),
             "modules": json.dumps(self.module_names),
             **(meta or {}),
         }
@@ -507,11 +522,21 @@ class LoRABank(nn.Module):
         return path
 
     def read_block(self, path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
-        """Read and check a block file written by `save_block`; the bank is not changed.
+        """Read and check a one-block file written by `save_block`; the bank is not changed.
 
         The file must be a regular file (not a symbolic link) holding float32, float16 or
         bfloat16 tensors that stay finite in the bank's dtype; raises BlockFormatError.
         """
+        blocks = self.read_blocks(path)
+        if len(blocks) != 1:
+            raise BlockFormatError(
+                f"{path}: holds {len(blocks)} blocks (rank {len(blocks) * self.config.rank}); "
+                f"a character's block has rank {self.config.rank}"
+            )
+        return blocks[0]
+
+    def read_blocks(self, path: str | Path) -> list[dict[str, tuple[Tensor, Tensor]]]:
+        """Read a file of `save_blocks` (rank a multiple of p) as its blocks; bank unchanged."""
         path = Path(path)
         _check_block_path(path)
         try:
@@ -529,27 +554,41 @@ class LoRABank(nn.Module):
                 f"{path}: block format version {meta.get('version')!r} is not supported "
                 f"(this Neeko reads version {BLOCK_VERSION})"
             )
-        if (
-            meta.get("rank") != str(self.config.rank)
-            or _float(meta.get("alpha")) != self.config.alpha
-        ):
+        p = self.config.rank
+        rank = meta.get("rank", "")
+        n = int(rank) // p if rank.isdigit() and int(rank) % p == 0 else 0
+        if n < 1 or _float(meta.get("alpha")) != self.config.alpha * n:
             raise BlockFormatError(
                 f"{path}: block has rank {meta.get('rank')} alpha {meta.get('alpha')}, "
-                f"this bank has rank {self.config.rank} alpha {self.config.alpha}"
+                f"this bank has rank {p} alpha {self.config.alpha}"
             )
-        weights: dict[str, tuple[Tensor, Tensor]] = {}
+        stacked: dict[str, tuple[Tensor, Tensor]] = {}
         names = {k.rsplit(".", 1)[0] for k in tensors}
         for name in names:
             if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
                 raise BlockFormatError(f"{path}: {name} lacks lora_A or lora_B")
-            weights[name] = (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"])
+            stacked[name] = (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"])
         if len(tensors) != 2 * len(names):
             raise BlockFormatError(f"{path}: unexpected tensors besides lora_A / lora_B pairs")
+        blocks: list[dict[str, tuple[Tensor, Tensor]]] = [{} for _ in range(n)]
+        for name, (a, b) in stacked.items():
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != n * p or b.shape[1] != n * p:
+                raise BlockFormatError(
+                    f"{path}: {name}: expected A ({n * p}, d_in) and B (d_out, {n * p}), got "
+                    f"A {tuple(a.shape)} and B {tuple(b.shape)}"
+                )
+            for j in range(n):
+                blocks[j][name] = (a[j * p : (j + 1) * p], b[:, j * p : (j + 1) * p])
         try:
-            self.check_weights(weights)
+            for weights in blocks:
+                self.check_weights(weights)
         except BlockFormatError as exc:
             raise BlockFormatError(f"{path}: {exc}") from None
-        return weights
+        return blocks
+
+    def load_blocks(self, path: str | Path) -> list[int]:
+        """Append the blocks of a `save_blocks` file (all checked first); their slots."""
+        return [self.add_block(weights) for weights in self.read_blocks(path)]
 
     def load_block(self, path: str | Path, index: int | None = None) -> int:
         """Load a block file into slot `index` (or a new slot); returns the slot."""

@@ -29,7 +29,9 @@ class Runtime:
     """A loaded model with blocks in its bank; `slots` says which slot holds whose block.
 
     The catalog says who is trained; the slots are this bank's own (a trainer and a worker
-    in one process share the catalog but not the bank).
+    in one process share the catalog but not the bank). `shared` holds the slots of the
+    store's shared block (split into rank-p parts), which every character's gate adds at
+    weight 1; an empty gate is still the bare base model.
     """
 
     catalog: Catalog
@@ -37,24 +39,44 @@ class Runtime:
     bank: LoRABank
     engine: Engine
     slots: dict[str, int] = field(default_factory=dict)
+    shared: tuple[int, ...] = ()
 
     def gate(self, key: str) -> Gate:
-        """The block gate of a character: one-hot on its block, or its fused mix."""
+        """The gate of a character: shared + its own block, or shared + its fused mix."""
         char = self.catalog.get(key)
         if char is None:
             raise CatalogError(f"unknown character {key!r}")
         if char.status != "trained":
             return self.mix_gate(char.mix)
+        return {**self.shared_gate(), **self.own_gate(key)}
+
+    def own_gate(self, key: str) -> Gate:
+        """A trained character's own block alone, without the shared block."""
         if key not in self.slots:
-            raise CatalogError(f"{char.name}'s block is not loaded here")
+            char = self.catalog.get(key)
+            raise CatalogError(f"{char.name if char else key}'s block is not loaded here")
         return {self.slots[key]: 1.0}
 
+    def shared_gate(self) -> Gate:
+        """The shared block alone (empty when the store has none)."""
+        return dict.fromkeys(self.shared, 1.0)
+
     def mix_gate(self, mix: Mix) -> Gate:
-        """The block gate of a gate mix over trained characters' keys."""
+        """The gate of a mix over trained characters' keys, plus the shared block."""
         missing = [k for k in mix if k not in self.slots]
         if missing:
             raise CatalogError(f"the gate mix names {missing}, whose blocks are not loaded here")
-        return {self.slots[k]: float(w) for k, w in mix.items()}
+        return {**self.shared_gate(), **{self.slots[k]: float(w) for k, w in mix.items()}}
+
+    def load_shared(self) -> None:
+        """Load the store's shared block, if it has one and it is not loaded yet."""
+        if self.catalog.shared_rank and not self.shared:
+            self.shared = tuple(self.bank.load_blocks(self.catalog.shared_path()))
+            if len(self.shared) * self.bank.config.rank != self.catalog.shared_rank:
+                raise CatalogError(
+                    f"{self.catalog.shared_path()}: rank {len(self.shared) * self.bank.config.rank}"
+                    f", the manifest says {self.catalog.shared_rank}"
+                )
 
     def persona_gate(self, text: str, config: GateConfig | None = None) -> Gate:
         """A fused gate for free text such as "a grumpy sea captain"."""
@@ -94,6 +116,7 @@ def open_runtime(
     loaded = model_lib.load(model, device=device)
     bank = LoRABank(loaded.model, BankConfig())
     rt = Runtime(catalog, loaded, bank, Engine(loaded, bank))
+    rt.load_shared()
     for char in catalog.trained():
         rt.load_block(char.key)
     return rt

@@ -76,22 +76,31 @@ def shared_baseline(
     model: str,
     config: TrainConfig,
     device: str | None = None,
+    rank: int | None = None,
+    progress: bool = True,
 ) -> Shared:
-    """One LoRA of rank N*p trained on every member's data (cached by content hash)."""
+    """One LoRA trained on every member's data with `config` (the LoRA-Mix baseline).
+
+    Its rank defaults to the total rank of a store pre-tuned with `config`: the shared
+    block plus one block per member, so the comparison is at equal parameters. Cached by
+    content hash of data, model, config and rank; `Shared.path` says where.
+    """
     loaded = model_lib.load(model, device=device)
-    rank = BankConfig().rank * len(members)
-    bank = LoRABank(loaded.model, BankConfig(rank=rank, alpha=BankConfig().alpha * len(members)))
-    cached = cache_dir() / "baselines" / f"shared-{_digest(members, model, config)}.safetensors"
+    p = BankConfig().rank
+    rank = rank or config.shared_rank + p * len(members)
+    bank = LoRABank(loaded.model, BankConfig(rank=rank, alpha=BankConfig().alpha * rank / p))
+    digest = _digest(members, model, config, rank)
+    cached = cache_dir() / "baselines" / f"shared-r{rank}-{digest}.safetensors"
     if cached.exists():
         bank.load_block(cached)
-        return Shared(loaded, bank)
+        return Shared(loaded, bank, cached, trained=False)
     (block,) = bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(config.seed))
     examples = []
     for card, dialogues in members:
         examples += character_examples(loaded, card, dialogues, block)
-    train_blocks(loaded, bank, examples, config)
+    train_blocks(loaded, bank, examples, config, progress=progress)
     bank.save_block(block, cached)
-    return Shared(loaded, bank)
+    return Shared(loaded, bank, cached, trained=True)
 
 
 def group_by_character(
@@ -135,29 +144,43 @@ def eval_store(
     roles: list[tuple[str, str]] | None = None,
     config: TrainConfig | None = None,
     device: str | None = None,
+    max_tokens: int | None = None,
+    speaker_id: bool = True,
 ) -> dict:
-    """The eval table of `store`'s characters on `heldout`; with `train`, the shared baseline."""
+    """The eval table of `store`'s characters (trained or fused) on `heldout`.
+
+    With `train`, the shared-LoRA baseline is trained on the trained characters' share of
+    it with `config` (the budget the store was trained with) and cached. `max_tokens`
+    defaults to the model's context.
+    """
     rt = open_runtime(store, model, device)
     by_key: dict[str, list[Dialogue]] = {}
     for d in heldout:
         char = rt.catalog.find(d.character)
-        if char is None or char.status != "trained":
-            raise CatalogError(f"{d.source}: {d.character!r} is not a trained character of {store}")
+        if char is None or char.status not in ("trained", "fused"):
+            raise CatalogError(
+                f"{d.source}: {d.character!r} is not a trained or fused character of {store}"
+            )
         by_key.setdefault(char.key, []).append(d)
     shared = None
     if train:
-        cards = [rt.catalog.characters[k].card for k in by_key]
-        members = group_by_character(
-            cards, [d for d in train if d.character in {c.name for c in cards}]
-        )
+        cards = [c.card for c in rt.catalog.trained()]
+        names = {c.name for c in cards}
+        members = group_by_character(cards, [d for d in train if d.character in names])
         shared = shared_baseline(members, model, config or TrainConfig(), device)
-    result = evaluate(rt, by_key, shared, roles)
+    limit = max_tokens or model_lib.context_tokens(model)
+    result = evaluate(rt, by_key, shared, roles, limit, speaker_id)
     result["model"] = model
+    if shared is not None:
+        result["baseline"] = _baseline_info(shared)
     return result
 
 
 def eval_cast(
-    model: str = "default", config: TrainConfig | None = None, device: str | None = None
+    model: str = "default",
+    config: TrainConfig | None = None,
+    device: str | None = None,
+    max_tokens: int | None = None,
 ) -> dict:
     """The eval table of the starter cast on its held-out split, with the shared baseline."""
     cast = read_cast()
@@ -166,9 +189,19 @@ def eval_cast(
     members = [(m.card, read_dialogues(m.train)) for m in cast]
     shared = shared_baseline(members, model, config or TrainConfig(), device)
     roles = read_roles(CAST_DIR / "roles.jsonl")
-    result = evaluate(rt, heldout, shared, roles)
+    limit = max_tokens or model_lib.context_tokens(model)
+    result = evaluate(rt, heldout, shared, roles, limit)
     result["model"] = model
+    result["baseline"] = _baseline_info(shared)
     return result
+
+
+def _baseline_info(shared: Shared) -> dict:
+    return {
+        "rank": shared.bank.config.rank,
+        "path": str(shared.path),
+        "trained_now": shared.trained,
+    }
 
 
 def read_roles(path: Path) -> list[tuple[str, str]]:
@@ -180,9 +213,10 @@ def read_roles(path: Path) -> list[tuple[str, str]]:
 
 
 def _digest(
-    members: list[tuple[CharacterCard, list[Dialogue]]], model: str, config: TrainConfig
+    members: list[tuple[CharacterCard, list[Dialogue]]], model: str, config: TrainConfig, rank: int
 ) -> str:
-    h = hashlib.sha256(f"{model}|{config}".encode())
+    budget = (config.lr, config.epochs, config.max_steps, config.batch_size, config.seed)
+    h = hashlib.sha256(f"{model}|{budget}|{config.weight_decay}|{config.grad_clip}|{rank}".encode())
     for card, dialogues in members:
         h.update(card.name.encode())
         for d in dialogues:

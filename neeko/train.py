@@ -1,8 +1,11 @@
 """Training blocks: pre-tuning, expansion, and the shared-LoRA baseline.
 
-Every example trains only its own character's block (a one-hot gate), so blocks never
-overlap: the other blocks are not parameters of the optimiser and receive no gradient.
-Expansion appends a block and trains it alone; every old character's output is unchanged.
+Every example trains only its own character's block, so own blocks never overlap: the
+other characters' blocks are not parameters of the optimiser and receive no gradient.
+Pre-tuning may also train a shared block that every character's gate adds to its own
+(what all characters share is learned once, from everyone's data; each own block learns
+the rest). Expansion appends a block and trains it alone, the shared block and every old
+block frozen, so every old character's output is unchanged.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import math
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -55,12 +58,22 @@ class TrainConfig:
     """Seeds data order and nothing else (blocks start from the bank's init)."""
     checkpoint_every: int = 25
     """Steps between checkpoints when a checkpoint folder is given."""
+    shared_rank: int = 16
+    """Rank of the shared block pre-tuning trains next to the own blocks (0: none). A
+    multiple of the blocks' rank; it is fixed for the store once trained."""
+    schedule: Schedule = "joint"
+    """`joint`: shared and own blocks train together; `staged`: the shared block first
+    (all data, its own epochs), then the own blocks on top of it, frozen."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("lr must be > 0, epochs and batch_size >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.shared_rank < 0:
+            raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
+        if self.schedule not in ("joint", "staged"):
+            raise ValueError(f"schedule must be joint or staged, got {self.schedule!r}")
 
 
 @dataclass
@@ -78,6 +91,10 @@ class TrainReport:
         return sum(tail) / len(tail) if tail else math.nan
 
 
+Schedule = Literal["joint", "staged"]
+SHARED_GROUP = -1
+"""The parameter group (and loss group) of the shared block."""
+
 StepCallback = Callable[[int, int, float], None]
 """Called with (steps done, total steps, loss) after every optimiser step."""
 
@@ -94,20 +111,31 @@ def train_blocks(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    *,
+    shared: Sequence[int] = (),
+    train_own: bool = True,
+    train_shared: bool = False,
 ) -> TrainReport:
-    """Train the blocks named by `examples` (each example's `block`), one-hot gated.
+    """Train the blocks named by `examples` (each example's `block`), each row on its own.
 
-    Only those blocks change; on return they are written back into the bank and frozen.
-    With `checkpoint_dir`, progress is saved every `checkpoint_every` steps and a later call
-    with the same arguments resumes from the last checkpoint. `on_step(step, total, loss)`
-    is called after every step.
+    Every row's gate is the `shared` blocks at weight 1 plus, with `train_own`, its own
+    block. What trains: the examples' own blocks (`train_own`) and the shared blocks
+    (`train_shared`); everything else is frozen. On return the trained blocks are written
+    back into the bank. With `checkpoint_dir`, progress is saved every `checkpoint_every`
+    steps and a later call with the same arguments resumes from the last checkpoint.
+    `on_step(step, total, loss)` is called after every step.
     """
     cfg = config or TrainConfig()
-    blocks = sorted({_block_of(e, bank) for e in examples})
+    if not train_own and not (train_shared and shared):
+        raise TrainingError("nothing to train: no own blocks and no shared block")
     order = _schedule(examples, cfg)
     total = min(len(order), cfg.max_steps or len(order))
-    groups = {k: bank.train_blocks([k]) for k in blocks}
-    params = [p for k in blocks for p in groups[k]]
+    groups: dict[int, list[nn.Parameter]] = {}
+    if train_own:
+        groups = {k: bank.train_blocks([k]) for k in sorted({_block_of(e, bank) for e in examples})}
+    if train_shared and shared:
+        groups[SHARED_GROUP] = bank.train_blocks(list(shared))
+    params = [p for group in groups.values() for p in group]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     start = _resume(ckpt, params, optimizer) if ckpt else 0
@@ -115,7 +143,9 @@ def train_blocks(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     try:
         for step in range(start, total):
-            loss = train_step(loaded, bank, order[step], groups, optimizer, cfg.grad_clip)
+            loss = train_step(
+                loaded, bank, order[step], groups, optimizer, cfg.grad_clip, shared, train_own
+            )
             report.losses.append(loss)
             report.steps = step + 1
             bar.update(1)
@@ -137,19 +167,24 @@ def train_step(
     groups: dict[int, list[nn.Parameter]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
+    shared: Sequence[int] = (),
+    use_own: bool = True,
 ) -> float:
     """One optimiser step on `batch`, whose rows may belong to different blocks.
 
     The loss is normalised per block (the sum over blocks of the mean over that block's
-    tokens) and gradients are clipped per block, so a block's update depends only on its
-    own rows: a mixed batch updates every block exactly as its rows alone would. Returns
-    the mean over the batch's blocks of their losses.
+    tokens) and gradients are clipped per group (each own block, the shared block), so
+    with the shared block frozen a mixed batch updates every own block exactly as its rows
+    alone would. Without own blocks in the gates the batch is one group. Returns the mean
+    over the loss groups of their losses.
     """
     optimizer.zero_grad(set_to_none=True)
-    losses = block_losses(loaded, bank, batch, [{e.block: 1.0} for e in batch])
+    base = dict.fromkeys(shared, 1.0)
+    gates = [{**base, e.block: 1.0} if use_own else base for e in batch]
+    losses = block_losses(loaded, bank, batch, gates, by_block=use_own)
     sum(losses.values()).backward()
-    for k in losses:
-        nn.utils.clip_grad_norm_(groups[k], grad_clip)
+    for group in groups.values():
+        nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
     return float(sum(v.detach() for v in losses.values())) / len(losses)
 
@@ -165,14 +200,23 @@ def batch_loss(
 
 
 def block_losses(
-    loaded: LoadedModel, bank: LoRABank, batch: list[Example], gates: list[dict]
+    loaded: LoadedModel,
+    bank: LoRABank,
+    batch: list[Example],
+    gates: list[dict],
+    by_block: bool = True,
 ) -> dict[int, Tensor]:
-    """One mean next-token loss per block, over the labelled tokens of that block's rows."""
+    """One mean next-token loss per block, over the labelled tokens of that block's rows.
+
+    Without `by_block`, one mean over the whole batch.
+    """
     logits, labels = _forward(loaded, bank, batch, gates)
     token_loss = nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none"
     )  # (batch, seq - 1), zero where ignored
     counted = (labels != IGNORE).float()
+    if not by_block:
+        return {SHARED_GROUP: token_loss.sum() / counted.sum().clamp(min=1)}
     out: dict[int, Tensor] = {}
     for k in dict.fromkeys(e.block for e in batch):
         rows = torch.tensor([e.block == k for e in batch], device=token_loss.device)
@@ -282,15 +326,22 @@ def _resume(folder: Path, params: list[nn.Parameter], opt: torch.optim.Optimizer
 
 
 def character_examples(
-    loaded: LoadedModel, card: CharacterCard, dialogues: list[Dialogue], block: int
+    loaded: LoadedModel,
+    card: CharacterCard,
+    dialogues: list[Dialogue],
+    block: int,
+    max_tokens: int = 1024,
 ) -> list[Example]:
-    """Tokenised dialogues of one character, rendered with its system prompt, for `block`."""
+    """Tokenised dialogues of one character, rendered with its system prompt, for `block`.
+
+    Each is cut at `max_tokens` (`Example.dropped` counts what the cut left out).
+    """
     system = system_prompt(card)
     out = []
     for d in dialogues:
         if d.character != card.name:
             raise TrainingError(f"{d.source}: dialogue of {d.character!r}, expected {card.name!r}")
-        ex = encode(loaded.tokenizer, system, d)
+        ex = encode(loaded.tokenizer, system, d, max_tokens)
         ex.block = block
         out.append(ex)
     return out
@@ -305,8 +356,11 @@ def pretune(
 ) -> TrainReport:
     """Give each character a fresh block and train them together, each on its own data.
 
-    The characters join the shared cast of `rt`'s catalog as trained, and their blocks
-    are saved in its store. Names already in the catalog are refused before training.
+    With `config.shared_rank` and a store that has no trained character yet, a shared
+    block is trained too (jointly or first, per `config.schedule`) and every character's
+    gate becomes shared + own. A store that has a shared block keeps it frozen. The
+    characters join the shared cast of `rt`'s catalog as trained, and their blocks are
+    saved in its store. Names already in the catalog are refused before training.
     """
     cfg = config or TrainConfig()
     catalog = rt.catalog
@@ -315,16 +369,53 @@ def pretune(
     names = [n for p in pending for n in p.character.names()]
     if len(set(names)) < len(names):
         raise TrainingError("two of the characters to train share a name or alias")
+    new_shared = cfg.shared_rank > 0 and not rt.shared and not catalog.trained()
+    p = rt.bank.config.rank
+    if new_shared and cfg.shared_rank % p:
+        raise TrainingError(f"shared_rank {cfg.shared_rank} is not a multiple of the rank {p}")
     gen = torch.Generator().manual_seed(cfg.seed)
+    if new_shared:
+        rt.shared = tuple(rt.bank.add_blocks(cfg.shared_rank // p, init="lora", generator=gen))
     blocks = rt.bank.add_blocks(len(members), init="lora", generator=gen)
     examples = []
     for (card, dialogues), block in zip(members, blocks, strict=True):
         examples += character_examples(rt.loaded, card, dialogues, block)
-    report = train_blocks(rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if new_shared and cfg.schedule == "staged":
+        first = train_blocks(
+            rt.loaded,
+            rt.bank,
+            examples,
+            cfg,
+            ckpt and ckpt / "shared",
+            progress,
+            shared=rt.shared,
+            train_own=False,
+            train_shared=True,
+        )
+        report = train_blocks(
+            rt.loaded, rt.bank, examples, cfg, ckpt and ckpt / "own", progress, shared=rt.shared
+        )
+        report = TrainReport(first.steps + report.steps, first.losses + report.losses)
+    else:
+        report = train_blocks(
+            rt.loaded,
+            rt.bank,
+            examples,
+            cfg,
+            ckpt,
+            progress,
+            shared=rt.shared,
+            train_shared=new_shared,
+        )
     catalog.model = rt.loaded.name
-    for p, block in zip(pending, blocks, strict=True):
-        _save_trained(rt, p.character.key, block, p.character.name)
-        catalog.commit(p)
+    if new_shared:
+        catalog.set_shared(cfg.shared_rank)
+        if catalog.folder is not None:
+            rt.bank.save_blocks(rt.shared, catalog.shared_path(), meta={"character": "(shared)"})
+    for p_, block in zip(pending, blocks, strict=True):
+        _save_trained(rt, p_.character.key, block, p_.character.name)
+        catalog.commit(p_)
     _fit_learned_gate(catalog, list(zip(keys, members, strict=True)))
     catalog.save()
     return report
@@ -344,6 +435,8 @@ def expand(
 ) -> TrainReport:
     """Append a block for a character and train only it; old blocks are untouched.
 
+    Its gate, in training as in play, is the store's shared block (frozen) plus the new one.
+
     The character is `key` of the catalog (a submitted, fused one) or, without `key`, a
     new one of `scope`. Nothing in the catalog or store changes before training succeeds,
     and no other character's block file is ever written.
@@ -359,7 +452,9 @@ def expand(
     key = existing.key if existing is not None else pending.character.key
     (block,) = rt.bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
     examples = character_examples(rt.loaded, card, dialogues, block)
-    report = train_blocks(rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step)
+    report = train_blocks(
+        rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step, shared=rt.shared
+    )
     _save_trained(rt, key, block, card.name)
     if pending is not None:
         catalog.commit(pending)
