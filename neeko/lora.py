@@ -97,7 +97,13 @@ class Routing:
             return
         if path == "gathered":
             k = int((gates != 0).sum(dim=1).max())
-            _, self.row_blocks = gates.abs().topk(k, dim=1)  # (batch, k) block ids
+            _, top = gates.abs().topk(k, dim=1)  # (batch, k) block ids, ties in no set order
+            # A row's blocks in index order, padding (weight 0) last: the sum is computed in
+            # the same order however many blocks the bank holds, so adding a block (an
+            # expansion) leaves every old gate's output bit for bit the same.
+            n = gates.shape[1]
+            order = torch.where(gates.gather(1, top) != 0, top, top + n).sort(dim=1).indices
+            self.row_blocks = top.gather(1, order)
             weights = gates.gather(1, self.row_blocks) * scale  # (batch, k); padding gets 0
             self.row_weights = weights.repeat_interleave(rank, dim=1)[:, None, :]  # (b, 1, k*p)
         elif path == "dense":

@@ -1,0 +1,164 @@
+"""The shared block: every character's gate is shared + own; expansion freezes both."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+
+from neeko import model as model_lib
+from neeko.cards import card_from_fields
+from neeko.catalog import SHARED_BLOCK, Catalog
+from neeko.characters import CatalogError
+from neeko.dialogues import Dialogue
+from neeko.errors import BlockFormatError
+from neeko.lora import BankConfig, LoRABank
+from neeko.peft_io import export_adapter
+from neeko.runtime import empty_runtime, open_runtime
+from neeko.train import TrainConfig, TrainingError, expand, pretune
+
+IDS = torch.tensor([[5, 87, 1200, 33, 4021, 9, 77, 310, 2, 1000]])
+STEPS = TrainConfig(epochs=1, max_steps=2, lr=5e-2, batch_size=2, shared_rank=8)
+
+
+def _member(name: str, words: str) -> tuple:
+    card = card_from_fields(name, f"{name} is a test character who talks about {words}.")
+    lines = [
+        Dialogue(name, [("user", f"Tell me about {w}."), ("character", f"{w}! {words}.")])
+        for w in words.split()
+    ]
+    return card, lines
+
+
+MEMBERS = [_member("Ash", "ember coal smoke"), _member("Birch", "bark leaf sap")]
+
+
+def _logits(rt, gate, ids=IDS):
+    with torch.inference_mode(), rt.bank.route([gate] * ids.shape[0]):
+        return rt.loaded.model(ids).logits
+
+
+def _merged(tiny_once, bank: LoRABank, gate: dict[int, float]):
+    """A plain copy of the base model with `gate`'s blocks folded into its weights."""
+    model = copy.deepcopy(tiny_once.model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, layer in bank.layers.items():
+            delta = sum(w * layer.B[k] @ layer.A[k] for k, w in gate.items())
+            modules[name].weight += bank.config.scale * delta
+    return model
+
+
+@pytest.mark.parametrize("path", ["dense", "gathered", "reference"])
+def test_shared_plus_own_gates_equal_merged_weights_on_every_path(_tiny_once, tiny, path):
+    """Rows of two characters, a fused persona and the base model, each on shared + its own."""
+    bank = LoRABank(tiny.model, BankConfig(path=path))
+    gen = torch.Generator().manual_seed(5)
+    shared = bank.add_blocks(3, init="random", generator=gen, b_scale=0.5)
+    own = bank.add_blocks(3, init="random", generator=gen, b_scale=0.5)
+    base = dict.fromkeys(shared, 1.0)
+    gates = [
+        {**base, own[0]: 1.0},
+        {**base, own[2]: 1.0},
+        {**base, own[0]: 0.25, own[1]: 0.75},
+        {},
+    ]
+    ids = IDS.repeat(len(gates), 1)
+    with torch.inference_mode():
+        with bank.route(bank.routing(gates, path=path)):
+            ours = tiny.model(ids).logits
+        for i, gate in enumerate(gates):
+            want = _merged(_tiny_once, bank, gate)(IDS).logits[0]
+            assert torch.allclose(ours[i], want, atol=1e-4), (path, i)
+            assert not gate or not torch.allclose(want, _tiny_once.model(IDS).logits[0])
+
+
+def test_save_blocks_is_one_lora_and_splits_back_exactly(tmp_path, tiny):
+    bank = LoRABank(tiny.model)
+    blocks = bank.add_blocks(3, init="random", generator=torch.Generator().manual_seed(2))
+    path = bank.save_blocks(blocks[:2], tmp_path / "shared.safetensors")
+    parts = bank.read_blocks(path)
+    assert len(parts) == 2
+    for k, part in zip(blocks[:2], parts, strict=True):
+        want = bank.get_block(k)
+        assert all(torch.equal(part[n][i], want[n][i]) for n in want for i in (0, 1))
+    with pytest.raises(BlockFormatError, match="holds 2 blocks"):
+        bank.read_block(path)  # a character's block is one block
+    assert len(bank.read_blocks(bank.save_block(blocks[2], tmp_path / "one.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("schedule", ["joint", "staged"])
+def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
+    rt = empty_runtime(Catalog(tmp_path / "store"), "tiny")
+    cfg = TrainConfig(**{**STEPS.__dict__, "schedule": schedule})
+    report = pretune(rt, MEMBERS, cfg, progress=False)
+    assert report.steps == (4 if schedule == "staged" else 2)
+    assert rt.catalog.shared_rank == 8 and len(rt.shared) == 2
+    ash = rt.catalog.find("Ash").key
+    assert rt.gate(ash) == {**dict.fromkeys(rt.shared, 1.0), rt.slots[ash]: 1.0}
+    shared_part = rt.bank.get_block(rt.shared[0])
+    assert any(b.abs().sum() > 0 for _, b in shared_part.values())  # B left zero-init
+    own_part = rt.bank.get_block(rt.slots[ash])
+    assert any(b.abs().sum() > 0 for _, b in own_part.values())
+    again = open_runtime(tmp_path / "store", "tiny")
+    assert again.shared and again.gate(ash).keys() == rt.gate(ash).keys()
+    assert torch.equal(_logits(again, again.gate(ash)), _logits(rt, rt.gate(ash)))
+    assert torch.equal(_logits(again, {}), _logits(rt, {}))  # the base model stays reachable
+    birch = again.catalog.find("Birch").key
+    assert not torch.equal(_logits(again, again.gate(ash)), _logits(again, again.gate(birch)))
+
+
+def test_expansion_with_a_shared_block_leaves_everyone_else_bit_identical(tmp_path):
+    store = tmp_path / "store"
+    pretune(empty_runtime(Catalog(store), "tiny"), MEMBERS, STEPS, progress=False)
+    files = {p: p.read_bytes() for p in [store / SHARED_BLOCK, *(store / "blocks").iterdir()]}
+    rt = open_runtime(store, "tiny")
+    old = {c.key: _logits(rt, rt.gate(c.key)) for c in rt.catalog.trained()}
+    shared_only = _logits(rt, rt.shared_gate())
+    card, dialogues = _member("Cedar", "pine resin cone")
+    expand(rt, card, dialogues, STEPS, progress=False)
+    cedar = rt.catalog.find("Cedar").key
+    assert rt.gate(cedar) == {**rt.shared_gate(), rt.slots[cedar]: 1.0}
+    assert all(p.read_bytes() == data for p, data in files.items())
+    for reopened in (rt, open_runtime(store, "tiny")):
+        for key, logits in old.items():
+            assert torch.equal(_logits(reopened, reopened.gate(key)), logits)
+        assert torch.equal(_logits(reopened, reopened.shared_gate()), shared_only)
+    assert not torch.equal(_logits(rt, rt.gate(cedar)), shared_only)
+
+
+def test_peft_export_of_shared_plus_own_is_exact(tmp_path):
+    rt = empty_runtime(Catalog(tmp_path / "store"), "tiny")
+    pretune(rt, MEMBERS, STEPS, progress=False)
+    ash = rt.catalog.find("Ash").key
+    folder = export_adapter(rt.bank, rt.gate(ash), tmp_path / "ash")
+    peft = PeftModel.from_pretrained(model_lib.load("tiny").model, str(folder))
+    with torch.inference_mode():
+        theirs = peft(IDS).logits
+    assert torch.allclose(theirs, _logits(rt, rt.gate(ash)), atol=1e-4)
+    assert not torch.allclose(theirs, _logits(rt, rt.own_gate(ash)), atol=1e-4)
+
+
+def test_a_store_without_a_shared_block_keeps_working(tiny_store, tmp_path):
+    rt = open_runtime(tiny_store, "tiny")
+    assert rt.shared == () and rt.catalog.shared_rank == 0
+    key = rt.catalog.trained()[0].key
+    assert rt.gate(key) == {rt.slots[key]: 1.0}
+    # Pre-tuning more characters into it cannot add a shared block under the old ones.
+    store = tmp_path / "copy"
+    shutil.copytree(tiny_store, store)
+    rt = open_runtime(store, "tiny")
+    pretune(
+        rt, [_member("Ivy", "vine leaf"), _member("Juniper", "berry gin")], STEPS, progress=False
+    )
+    assert rt.shared == () and Catalog.open(store).shared_rank == 0
+    with pytest.raises(CatalogError, match="without a shared block"):
+        rt.catalog.set_shared(8)
+
+
+def test_shared_rank_must_be_a_multiple_of_the_block_rank(tmp_path):
+    rt = empty_runtime(Catalog(tmp_path / "store"), "tiny")
+    with pytest.raises(TrainingError, match="multiple"):
+        pretune(rt, MEMBERS, TrainConfig(shared_rank=6, max_steps=1), progress=False)
+    assert not (tmp_path / "store" / "manifest.json").exists()
