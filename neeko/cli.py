@@ -116,7 +116,8 @@ def _data_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--context-speeches", type=int, default=2, help="speeches in a user turn")
     tr.add_argument("--context-chars", type=int, default=600, help="user turn length cap")
     tr.add_argument("--test-fraction", type=float, default=0.2, help="held-out share")
-    tr.add_argument("--max-train-dialogues", type=int, default=None, help="per speaker")
+    tr.add_argument("--max-train-dialogues", type=int, default=None, help="per speaker, last")
+    tr.add_argument("--max-test-dialogues", type=int, default=None, help="per speaker, first")
     tr.add_argument("--source", default="the transcript", help="named in the cards' profiles")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=_data_transcript)
@@ -136,6 +137,7 @@ def _data_transcript(args: argparse.Namespace) -> int:
             context_chars=args.context_chars,
             test_fraction=args.test_fraction,
             max_train_dialogues=args.max_train_dialogues,
+            max_test_dialogues=args.max_test_dialogues,
             source=args.source,
         )
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -149,8 +149,8 @@ def eval_store(
 ) -> dict:
     """The eval table of `store`'s characters (trained or fused) on `heldout`.
 
-    With `train`, the shared-LoRA baseline is trained on the trained characters' share of
-    it with `config` (the budget the store was trained with) and cached. `max_tokens`
+    With `train`, the shared-LoRA baseline is trained on the data of the trained characters
+    it names, with `config` (the budget the store was trained with), and cached. `max_tokens`
     defaults to the model's context.
     """
     rt = open_runtime(store, model, device)
@@ -164,7 +164,10 @@ def eval_store(
         by_key.setdefault(char.key, []).append(d)
     shared = None
     if train:
-        cards = [c.card for c in rt.catalog.trained()]
+        named = {d.character for d in train}
+        cards = [c.card for c in rt.catalog.trained() if c.name in named]
+        if not cards:
+            raise CatalogError("the baseline's training data names no trained character")
         names = {c.name for c in cards}
         members = group_by_character(cards, [d for d in train if d.character in names])
         shared = shared_baseline(members, model, config or TrainConfig(), device)

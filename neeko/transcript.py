@@ -53,6 +53,8 @@ class ImportOptions:
     max_train_dialogues: int | None = None
     """Keep only the last this many training dialogues of a speaker (those next to the test
     stretch); None keeps all."""
+    max_test_dialogues: int | None = None
+    """Keep only the first this many held-out dialogues of a speaker; None keeps all."""
     source: str = "the transcript"
     """What the characters come from, for their cards ("Shakespeare's plays")."""
 
@@ -63,8 +65,9 @@ class ImportOptions:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.context_chars < 40:
             raise ValueError("context_chars must be >= 40")
-        if self.max_train_dialogues is not None and self.max_train_dialogues < 1:
-            raise ValueError("max_train_dialogues must be >= 1")
+        for limit in (self.max_train_dialogues, self.max_test_dialogues):
+            if limit is not None and limit < 1:
+                raise ValueError("max_train_dialogues and max_test_dialogues must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,12 @@ def parse_transcript(text: str, source: str = "transcript") -> list[Speech]:
         if speaker is not None and body:
             speeches.append(Speech(len(speeches), speaker, body))
 
+    after_blank = True  # a speaker line opens the file or follows a blank line
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.rstrip()
-        match = SPEAKER.match(line)
-        if match and (not lines or not lines[-1].strip() or speaker is None):
+        match = SPEAKER.match(line) if after_blank else None
+        after_blank = not line.strip()
+        if match:
             flush()
             speaker, lines = match.group(1).strip(), []
         elif speaker is None:
@@ -148,6 +153,8 @@ def import_transcript(speeches: list[Speech], options: ImportOptions | None = No
         train, test = dialogues[:-n_test], dialogues[-n_test:]
         if opts.max_train_dialogues is not None:
             train = train[-opts.max_train_dialogues :]
+        if opts.max_test_dialogues is not None:
+            test = test[: opts.max_test_dialogues]
         result.train[name], result.test[name] = train, test
         result.words[name] = words[speaker]
         result.profiles[name] = _profile(name, opts.source, train)
@@ -187,10 +194,12 @@ def _tail(text: str, limit: int) -> str:
 
 
 def _profile(name: str, source: str, train: list[Dialogue]) -> str:
-    """A card profile: who the character is and a few of their own training lines."""
-    lines = [text for d in train for role, text in d.messages if role == "character"]
-    sample = " / ".join(line.replace("\n", " ") for line in lines[:3])
-    return f"{name}, a character of {source}. In {name}'s own words: {sample}"[:1500]
+    """A card profile: who the character is and the start of their first training line."""
+    first = next(text for d in train for role, text in d.messages if role == "character")
+    sample = " ".join(first.split())
+    if len(sample) > 160:
+        sample = sample[:160].rsplit(" ", 1)[0] + " ..."
+    return f"{name}, a character of {source}. In {name}'s own words: {sample}"
 
 
 def write_import(result: Imported, out: str | Path) -> dict:

@@ -39,9 +39,9 @@ def _logits(rt, gate, ids=IDS):
         return rt.loaded.model(ids).logits
 
 
-def _merged(tiny_once, bank: LoRABank, gate: dict[int, float]):
+def _merged(base, bank: LoRABank, gate: dict[int, float]):
     """A plain copy of the base model with `gate`'s blocks folded into its weights."""
-    model = copy.deepcopy(tiny_once.model)
+    model = copy.deepcopy(base)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, layer in bank.layers.items():
@@ -51,8 +51,9 @@ def _merged(tiny_once, bank: LoRABank, gate: dict[int, float]):
 
 
 @pytest.mark.parametrize("path", ["dense", "gathered", "reference"])
-def test_shared_plus_own_gates_equal_merged_weights_on_every_path(_tiny_once, tiny, path):
+def test_shared_plus_own_gates_equal_merged_weights_on_every_path(tiny, path):
     """Rows of two characters, a fused persona and the base model, each on shared + its own."""
+    base = copy.deepcopy(tiny.model)
     bank = LoRABank(tiny.model, BankConfig(path=path))
     gen = torch.Generator().manual_seed(5)
     shared = bank.add_blocks(3, init="random", generator=gen, b_scale=0.5)
@@ -69,9 +70,9 @@ def test_shared_plus_own_gates_equal_merged_weights_on_every_path(_tiny_once, ti
         with bank.route(bank.routing(gates, path=path)):
             ours = tiny.model(ids).logits
         for i, gate in enumerate(gates):
-            want = _merged(_tiny_once, bank, gate)(IDS).logits[0]
+            want = _merged(base, bank, gate)(IDS).logits[0]
             assert torch.allclose(ours[i], want, atol=1e-4), (path, i)
-            assert not gate or not torch.allclose(want, _tiny_once.model(IDS).logits[0])
+            assert not gate or not torch.allclose(want, base(IDS).logits[0])
 
 
 def test_save_blocks_is_one_lora_and_splits_back_exactly(tmp_path, tiny):
@@ -94,7 +95,8 @@ def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
     cfg = TrainConfig(**{**STEPS.__dict__, "schedule": schedule})
     report = pretune(rt, MEMBERS, cfg, progress=False)
     assert report.steps == (4 if schedule == "staged" else 2)
-    assert rt.catalog.shared_rank == 8 and len(rt.shared) == 2
+    assert rt.catalog.shared_rank == 8
+    assert len(rt.shared) == 2
     ash = rt.catalog.find("Ash").key
     assert rt.gate(ash) == {**dict.fromkeys(rt.shared, 1.0), rt.slots[ash]: 1.0}
     shared_part = rt.bank.get_block(rt.shared[0])
@@ -102,7 +104,8 @@ def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
     own_part = rt.bank.get_block(rt.slots[ash])
     assert any(b.abs().sum() > 0 for _, b in own_part.values())
     again = open_runtime(tmp_path / "store", "tiny")
-    assert again.shared and again.gate(ash).keys() == rt.gate(ash).keys()
+    assert again.shared
+    assert again.gate(ash).keys() == rt.gate(ash).keys()
     assert torch.equal(_logits(again, again.gate(ash)), _logits(rt, rt.gate(ash)))
     assert torch.equal(_logits(again, {}), _logits(rt, {}))  # the base model stays reachable
     birch = again.catalog.find("Birch").key
@@ -142,7 +145,8 @@ def test_peft_export_of_shared_plus_own_is_exact(tmp_path):
 
 def test_a_store_without_a_shared_block_keeps_working(tiny_store, tmp_path):
     rt = open_runtime(tiny_store, "tiny")
-    assert rt.shared == () and rt.catalog.shared_rank == 0
+    assert rt.shared == ()
+    assert rt.catalog.shared_rank == 0
     key = rt.catalog.trained()[0].key
     assert rt.gate(key) == {rt.slots[key]: 1.0}
     # Pre-tuning more characters into it cannot add a shared block under the old ones.
@@ -152,7 +156,8 @@ def test_a_store_without_a_shared_block_keeps_working(tiny_store, tmp_path):
     pretune(
         rt, [_member("Ivy", "vine leaf"), _member("Juniper", "berry gin")], STEPS, progress=False
     )
-    assert rt.shared == () and Catalog.open(store).shared_rank == 0
+    assert rt.shared == ()
+    assert Catalog.open(store).shared_rank == 0
     with pytest.raises(CatalogError, match="without a shared block"):
         rt.catalog.set_shared(8)
 
