@@ -193,6 +193,16 @@ def _character_commands(sub: argparse._SubParsersAction) -> None:
     )
     fuse.set_defaults(func=_fuse)
 
+    ex = sub.add_parser(
+        "export",
+        help="a character as one PEFT LoRA adapter (shared + own, or shared + its mix; exact)",
+    )
+    ex.add_argument("--store", required=True)
+    ex.add_argument("--character", required=True, help="name or alias")
+    ex.add_argument("--out", required=True, help="adapter folder to write")
+    ex.add_argument("--model", default="default", help="the model the store was trained on")
+    ex.set_defaults(func=_export)
+
     ev = sub.add_parser(
         "eval",
         help="held-out NLL per character (own / fused / base / shared LoRA), speaker id",
@@ -365,6 +375,22 @@ def _fuse(args: argparse.Namespace) -> int:
         f"{card.name}: fused from {mix or 'nothing (no trained characters)'} "
         f"in {seconds * 1e3:.0f} ms"
     )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from neeko.characters import CatalogError
+    from neeko.peft_io import export_adapter
+    from neeko.runtime import open_runtime
+
+    rt = open_runtime(args.store, args.model, "cpu")
+    char = rt.catalog.find(args.character)
+    if char is None:
+        raise CatalogError(f"no character is called {args.character!r} in {args.store}")
+    gate = rt.gate(char.key)
+    folder = export_adapter(rt.bank, gate, args.out, base_model=rt.loaded.name)
+    rank = len([w for w in gate.values() if w]) * rt.bank.config.rank
+    print(f"{char.name}: PEFT LoRA adapter of rank {rank} in {folder}")
     return 0
 
 

@@ -11,6 +11,7 @@ from neeko import model as model_lib
 from neeko.cards import card_from_fields
 from neeko.catalog import SHARED_BLOCK, Catalog
 from neeko.characters import CatalogError
+from neeko.cli import main
 from neeko.dialogues import Dialogue
 from neeko.errors import BlockFormatError
 from neeko.lora import BankConfig, LoRABank
@@ -167,3 +168,16 @@ def test_shared_rank_must_be_a_multiple_of_the_block_rank(tmp_path):
     with pytest.raises(TrainingError, match="multiple"):
         pretune(rt, MEMBERS, TrainConfig(shared_rank=6, max_steps=1), progress=False)
     assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def test_cli_exports_a_character_as_one_adapter(tmp_path, capsys):
+    rt = empty_runtime(Catalog(tmp_path / "store"), "tiny")
+    pretune(rt, MEMBERS, STEPS, progress=False)
+    args = ["export", "--model", "tiny", "--store", str(tmp_path / "store"), "--out"]
+    assert main([*args, str(tmp_path / "ash"), "--character", "ash"]) == 0
+    assert "Ash: PEFT LoRA adapter of rank 12" in capsys.readouterr().out  # shared 8 + own 4
+    peft = PeftModel.from_pretrained(model_lib.load("tiny").model, str(tmp_path / "ash"))
+    with torch.inference_mode():
+        assert torch.allclose(peft(IDS).logits, _logits(rt, rt.gate("ash")), atol=1e-4)
+    assert main([*args, str(tmp_path / "x"), "--character", "Nobody"]) == 1
+    assert "no character is called 'Nobody'" in capsys.readouterr().err
