@@ -17,6 +17,7 @@ import random
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -370,52 +371,32 @@ def pretune(
     if len(set(names)) < len(names):
         raise TrainingError("two of the characters to train share a name or alias")
     new_shared = cfg.shared_rank > 0 and not rt.shared and not catalog.trained()
-    p = rt.bank.config.rank
-    if new_shared and cfg.shared_rank % p:
-        raise TrainingError(f"shared_rank {cfg.shared_rank} is not a multiple of the rank {p}")
+    rank = rt.bank.config.rank
+    if new_shared and cfg.shared_rank % rank:
+        raise TrainingError(f"shared_rank {cfg.shared_rank} is not a multiple of the rank {rank}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    if new_shared:
-        rt.shared = tuple(rt.bank.add_blocks(cfg.shared_rank // p, init="lora", generator=gen))
+    shared = rt.bank.add_blocks(cfg.shared_rank // rank, "lora", gen) if new_shared else rt.shared
     blocks = rt.bank.add_blocks(len(members), init="lora", generator=gen)
     examples = []
     for (card, dialogues), block in zip(members, blocks, strict=True):
         examples += character_examples(rt.loaded, card, dialogues, block)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    run = partial(train_blocks, rt.loaded, rt.bank, examples, cfg, progress=progress, shared=shared)
     if new_shared and cfg.schedule == "staged":
-        first = train_blocks(
-            rt.loaded,
-            rt.bank,
-            examples,
-            cfg,
-            ckpt and ckpt / "shared",
-            progress,
-            shared=rt.shared,
-            train_own=False,
-            train_shared=True,
-        )
-        report = train_blocks(
-            rt.loaded, rt.bank, examples, cfg, ckpt and ckpt / "own", progress, shared=rt.shared
-        )
-        report = TrainReport(first.steps + report.steps, first.losses + report.losses)
+        first = run(ckpt and ckpt / "shared", train_own=False, train_shared=True)
+        then = run(ckpt and ckpt / "own")
+        report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     else:
-        report = train_blocks(
-            rt.loaded,
-            rt.bank,
-            examples,
-            cfg,
-            ckpt,
-            progress,
-            shared=rt.shared,
-            train_shared=new_shared,
-        )
+        report = run(ckpt, train_shared=new_shared)
+    rt.shared = tuple(shared)
     catalog.model = rt.loaded.name
     if new_shared:
         catalog.set_shared(cfg.shared_rank)
         if catalog.folder is not None:
             rt.bank.save_blocks(rt.shared, catalog.shared_path(), meta={"character": "(shared)"})
-    for p_, block in zip(pending, blocks, strict=True):
-        _save_trained(rt, p_.character.key, block, p_.character.name)
-        catalog.commit(p_)
+    for one, block in zip(pending, blocks, strict=True):
+        _save_trained(rt, one.character.key, block, one.character.name)
+        catalog.commit(one)
     _fit_learned_gate(catalog, list(zip(keys, members, strict=True)))
     catalog.save()
     return report
