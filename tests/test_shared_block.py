@@ -59,11 +59,11 @@ def test_shared_plus_own_gates_equal_merged_weights_on_every_path(tiny, path):
     gen = torch.Generator().manual_seed(5)
     shared = bank.add_blocks(3, init="random", generator=gen, b_scale=0.5)
     own = bank.add_blocks(3, init="random", generator=gen, b_scale=0.5)
-    base = dict.fromkeys(shared, 1.0)
+    every = dict.fromkeys(shared, 1.0)
     gates = [
-        {**base, own[0]: 1.0},
-        {**base, own[2]: 1.0},
-        {**base, own[0]: 0.25, own[1]: 0.75},
+        {**every, own[0]: 1.0},
+        {**every, own[2]: 1.0},
+        {**every, own[0]: 0.25, own[1]: 0.75},
         {},
     ]
     ids = IDS.repeat(len(gates), 1)
