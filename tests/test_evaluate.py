@@ -134,3 +134,23 @@ def test_cli_eval_of_fused_characters_and_a_budgeted_baseline(store, capsys, tmp
 def test_cli_defaults_are_the_training_defaults():
     cfg = TrainConfig()
     assert {k: getattr(cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+
+
+@pytest.mark.real_model
+def test_committed_cast_plays_better_than_the_base_model():
+    """Each cast member's gate (shared + own) beats the bare model on its held-out lines."""
+    from neeko.characters import read_cast
+    from neeko.dialogues import read_dialogues
+    from neeko.runtime import CAST_STORE
+
+    rt = open_runtime(CAST_STORE, "default")
+    assert rt.catalog.shared_rank == 16
+    assert len(rt.shared) * rt.bank.config.rank == 16
+    for member in read_cast():
+        char = rt.catalog.find(member.card.name)
+        (ex,) = character_examples(rt.loaded, char.card, read_dialogues(member.heldout)[:1], -1)
+        gate, own, base = turn_nlls(
+            rt.loaded, rt.bank, ex, [rt.gate(char.key), rt.own_gate(char.key), {}]
+        ).sum(1)
+        assert gate < base, char.name
+        assert gate < own, char.name
