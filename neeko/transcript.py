@@ -63,8 +63,8 @@ class ImportOptions:
             raise ValueError("characters, exchanges and context_speeches must be >= 1")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.context_chars < 40:
-            raise ValueError("context_chars must be >= 40")
+        if not 40 <= self.context_chars <= MAX_MESSAGE_CHARS:
+            raise ValueError(f"context_chars must be in [40, {MAX_MESSAGE_CHARS}]")
         for limit in (self.max_train_dialogues, self.max_test_dialogues):
             if limit is not None and limit < 1:
                 raise ValueError("max_train_dialogues and max_test_dialogues must be >= 1")

@@ -215,9 +215,9 @@ def test_expansion_leaves_old_characters_bit_identical(tiny, tmp_path):
         query = catalog.encoder.encode([card.persona_text()])[0]
         assert list(catalog.fusion_weights(query, learned)) == [scope_key("shared", card.name)]
     assert new.status == "trained"
-    assert rt.slots[new.key] == 2
-    examples = character_examples(tiny, ROBOT, robot, 2)
-    own = sum(token_nll(tiny, bank, e, {2: 1.0})[0] for e in examples)
+    assert rt.slots[new.key] == len(rt.shared) + 2  # after the shared block and the two others
+    examples = character_examples(tiny, ROBOT, robot, rt.slots[new.key])
+    own = sum(token_nll(tiny, bank, e, rt.gate(new.key))[0] for e in examples)
     mix = sum(token_nll(tiny, bank, e, fused)[0] for e in examples)
     assert own < mix
     reopened = Catalog.open(catalog.folder)
