@@ -19,7 +19,7 @@ TRAIN_DEFAULTS = {
     "lr": 2e-3,
     "batch_size": 4,
     "seed": 0,
-    "shared_rank": 16,
+    "shared_rank": 0,
     "schedule": "joint",
 }
 """`neeko.train.TrainConfig`'s defaults, without importing torch for `--help` (a test checks
