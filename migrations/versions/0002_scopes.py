@@ -23,9 +23,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("characters") as batch:
-        batch.add_column(
-            sa.Column("scope", sa.String(40), nullable=False, server_default="shared")
-        )
+        batch.add_column(sa.Column("scope", sa.String(40), nullable=False, server_default="shared"))
         batch.alter_column(
             "fused_from", new_column_name="mix", existing_type=sa.JSON(), existing_nullable=False
         )
