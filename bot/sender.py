@@ -198,6 +198,11 @@ class ReplyStream:
         """Show the final `text` now."""
         await self._show(text)
 
+    @property
+    def messages(self) -> list[discord.Message]:
+        """The messages the reply is shown in, in order."""
+        return list(self._messages)
+
     async def _show(self, text: str) -> None:
         chunks = split_message(text)
         if not chunks or chunks == self._shown:

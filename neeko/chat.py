@@ -11,18 +11,20 @@ is `neeko.moderation`, held beside this service by the front ends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from neeko import db
 from neeko.catalog import Catalog
-from neeko.characters import Character, system_prompt
+from neeko.characters import Character, fold, system_prompt
 from neeko.chat_types import Answer, Author, CharacterInfo, Speaker, TextCallback, refusal
 from neeko.protocol import Message, Reply, Sampling, Turn
 from neeko.queue import Chunk, QueueError, TurnQueue
@@ -44,6 +46,48 @@ def neutralise_mentions(text: str) -> str:
     )
 
 
+SceneMode = Literal["all", "addressed", "auto"]
+SCENE_MODES: tuple[SceneMode, ...] = ("all", "addressed", "auto")
+RECENT_LINES = 3
+"""In `auto` mode, a character's newest lines that join its profile in the match."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One character of a channel's scene: a catalog key, or a fused free-text persona."""
+
+    key: str | None = None
+    persona: str | None = None
+    mix: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """The author id of its lines in the history."""
+        if self.key is not None:
+            return f"character:{self.key}"
+        digest = hashlib.sha256((self.persona or "").encode()).hexdigest()[:16]
+        return f"persona:{digest}"
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in `ChannelState.scene`."""
+        if self.key is not None:
+            return {"key": self.key}
+        return {"persona": self.persona, "mix": dict(self.mix)}
+
+    @classmethod
+    def from_json(cls, data: object) -> Member | None:
+        """A stored member, or None for an entry that is not one (it is skipped)."""
+        if not isinstance(data, dict):
+            return None
+        if isinstance(key := data.get("key"), str):
+            return cls(key=key)
+        persona, mix = data.get("persona"), data.get("mix") or {}
+        if not isinstance(persona, str) or not persona.strip() or not isinstance(mix, dict):
+            return None
+        weights = {k: float(w) for k, w in mix.items() if isinstance(w, int | float)}
+        return cls(persona=persona, mix=weights)
+
+
 @dataclass
 class _Voice:
     """Who speaks in a channel, resolved: the turn fields and the system prompt."""
@@ -53,6 +97,11 @@ class _Voice:
     character: str | None
     mix: dict[str, float]
     greeting: str = ""
+    member: Member = field(default_factory=Member)
+    names: tuple[str, ...] = ()
+    """Name and aliases, folded (`neeko.characters.fold`): how a message addresses it."""
+    profile: str = ""
+    """What it is, for `auto` mode's match."""
 
 
 class ChatService:
@@ -90,8 +139,15 @@ class ChatService:
         content: str,
         message_id: str,
         on_text: TextCallback | None = None,
+        reply_to: str | None = None,
     ) -> Answer:
-        """Answer a channel message in the voice of the channel's character."""
+        """Answer a channel message in the voice of the scene's characters.
+
+        Who answers follows the scene's mode (every character, the ones addressed, or one
+        picked); the first answer is returned, the others in its `more`, in scene order.
+        `reply_to` is the platform id of the message this one replies to: a reply to a
+        character's line addresses that character. `on_text` streams a lone reply.
+        """
         content = content.strip()
         limit = self.settings.max_message_chars
         if not content:
@@ -115,7 +171,7 @@ class ChatService:
         self._pending[channel] = pending + 1
         try:
             async with self._lock(channel):
-                return await self._answer(channel, author, content, message_id, on_text)
+                return await self._answer(channel, author, content, message_id, on_text, reply_to)
         finally:
             self._pending[channel] -= 1
 
@@ -126,17 +182,40 @@ class ChatService:
         content: str,
         message_id: str,
         on_text: TextCallback | None,
+        reply_to: str | None,
     ) -> Answer:
         async with self.sessions() as s:
             state = await self._state(s, channel, author.scope)
-            voice = self._voice(state, author.scope)
-            reply_id = f"{message_id}:reply"
-            known = await s.scalar(
-                select(db.MessageRow).where(db.MessageRow.platform_message_id == reply_id)
+            voices = self._voices(state, author.scope)
+            ids = {_reply_id(message_id, v.member): v for v in voices}
+            known = list(
+                await s.scalars(
+                    select(db.MessageRow)
+                    .where(db.MessageRow.platform_message_id.in_(list(ids)))
+                    .order_by(db.MessageRow.id)
+                )
             )
-            if known is not None:  # a redelivered platform message: answered already
-                return Answer(True, known.content, voice.speaker, kind="reply")
+            if known:  # a redelivered platform message: answered already
+                return _joined(
+                    [
+                        Answer(
+                            True,
+                            r.content,
+                            ids[r.platform_message_id or ""].speaker,
+                            kind="reply",
+                            ref=r.id,
+                        )
+                        for r in known
+                    ]
+                )
             history = await self._history(s, channel, state.session)
+            replied = None
+            if reply_to:
+                replied = await s.scalar(
+                    select(db.MessageRow).where(
+                        db.MessageRow.channel_id == channel, db.MessageRow.posted_id == reply_to
+                    )
+                )
             if not any(m.platform_message_id == message_id for m in history):
                 row = db.MessageRow(
                     channel_id=channel,
@@ -150,50 +229,78 @@ class ChatService:
                 s.add(row)
                 await s.commit()
                 history.append(row)
-            session = state.session
-        messages, cut = self._window(voice, history)
-        notices = []
-        if cut and (channel, session) not in self._cut_notified:
-            self._cut_notified.add((channel, session))
-            notices.append(
-                f"This conversation is longer than {voice.speaker.name} can keep in mind; "
-                "the oldest messages are left out from now on."
+            session, mode = state.session, state.scene_mode
+        responders = await self._responders(voices, mode, content, replied, history)
+        notices, turns = [], []
+        for voice in responders:
+            messages, cut = self._window(voice, voices, history)
+            if cut and (channel, session) not in self._cut_notified:
+                self._cut_notified.add((channel, session))
+                notices.append(
+                    f"This conversation is longer than {voice.speaker.name} can keep in mind; "
+                    "the oldest messages are left out from now on."
+                )
+            others = [v.speaker.name for v in voices if v is not voice]
+            turns.append(
+                Turn(
+                    id=_turn_id(message_id, voice.member),
+                    channel=channel,
+                    character=voice.character,
+                    mix=voice.mix,
+                    messages=tuple(messages),
+                    sampling=Sampling(
+                        max_new_tokens=self.settings.reply_tokens,
+                        temperature=self.settings.temperature,
+                        top_p=self.settings.top_p,
+                        stop=tuple(f"\n{name}:" for name in others),
+                    ),
+                )
             )
-        turn = Turn(
-            id=_turn_id(message_id),
-            channel=channel,
-            character=voice.character,
-            mix=voice.mix,
-            messages=tuple(messages),
-            sampling=Sampling(
-                max_new_tokens=self.settings.reply_tokens,
-                temperature=self.settings.temperature,
-                top_p=self.settings.top_p,
-            ),
-        )
         try:
-            reply = await self._generate(turn, voice.speaker, on_text)
+            streams = await self.turns.submit_group(turns, self.settings.turn_timeout_s)
         except QueueError as exc:
-            return Answer(False, f"No reply: {exc}", voice.speaker, notices, kind="error")
-        text = neutralise_mentions(reply.text.strip()) or "…"
+            speaker = responders[0].speaker
+            return Answer(False, f"No reply: {exc}", speaker, notices, kind="error")
+        lone = on_text if len(turns) == 1 else None
+        results = await asyncio.gather(
+            *(
+                self._generate(st, v.speaker, lone)
+                for st, v in zip(streams, responders, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        answers = []
         async with self.sessions() as s:
-            s.add(
-                db.MessageRow(
+            for voice, result in zip(responders, results, strict=True):
+                if isinstance(result, QueueError):
+                    answers.append(
+                        Answer(False, f"No reply: {result}", voice.speaker, kind="error")
+                    )
+                    continue
+                if isinstance(result, BaseException):
+                    raise result
+                text = _own_text(result.text, voice.speaker.name)
+                row = db.MessageRow(
                     channel_id=channel,
                     session=session,
                     role="character",
-                    author_id=f"character:{voice.character or 'persona'}",
+                    author_id=voice.member.id,
                     author_name=voice.speaker.name,
                     content=text,
-                    platform_message_id=reply_id,
+                    platform_message_id=_reply_id(message_id, voice.member),
                 )
-            )
+                s.add(row)
+                await s.flush()
+                answers.append(Answer(True, text, voice.speaker, kind="reply", ref=row.id))
             await s.commit()
-        return Answer(True, text, voice.speaker, notices, kind="reply")
+        answers[0].notices = notices
+        return _joined(answers)
 
-    async def _generate(self, turn: Turn, speaker: Speaker, on_text: TextCallback | None) -> Reply:
+    async def _generate(
+        self, stream: AsyncIterator[Chunk | Reply], speaker: Speaker, on_text: TextCallback | None
+    ) -> Reply:
         text = ""
-        async for item in self.turns.submit(turn, self.settings.turn_timeout_s):
+        async for item in stream:
             if isinstance(item, Chunk):
                 text = item.text if item.reset else text + item.text
                 if on_text is not None:
@@ -202,15 +309,71 @@ class ChatService:
                 return item
         raise QueueError("the reply stream ended early")  # pragma: no cover
 
-    def _window(self, voice: _Voice, history: list[db.MessageRow]) -> tuple[list[Message], bool]:
+    async def mark_posted(self, channel: str, ref: int, posted_id: str) -> None:
+        """Record where a character's line (`Answer.ref`) was posted on the platform."""
+        async with self.sessions() as s:
+            row = await s.get(db.MessageRow, ref)
+            if row is not None and row.channel_id == channel and row.role == "character":
+                row.posted_id = posted_id[:64]
+                await s.commit()
+
+    async def _responders(
+        self,
+        voices: list[_Voice],
+        mode: str,
+        content: str,
+        replied: db.MessageRow | None,
+        history: list[db.MessageRow],
+    ) -> list[_Voice]:
+        """Who answers a message, in the order they answer (see `SceneMode`)."""
+        if len(voices) == 1 or mode == "all":
+            return voices
+        named = addressed(voices, content)
+        by_id = {v.member.id: v for v in voices}
+        target = by_id.get(replied.author_id) if replied is not None else None
+        if mode == "addressed":
+            if named:
+                return named
+            if target is not None:
+                return [target]
+            last = next((r for r in reversed(history) if r.author_id in by_id), None)
+            return [by_id[last.author_id]] if last is not None else voices[:1]
+        if named:  # auto: one character
+            return named[:1]
+        if target is not None:
+            return [target]
+        spoken = [r for r in history if r.role == "character"]
+        streak = _streak(spoken)
+        candidates = voices
+        if streak is not None and streak[1] >= self.settings.scene_max_streak:
+            candidates = [v for v in voices if v.member.id != streak[0]] or voices
+        texts = [content]
+        for v in candidates:
+            lines = [r.content for r in spoken if r.author_id == v.member.id][-RECENT_LINES:]
+            texts.append("\n".join([v.profile, *lines]))
+        emb = await asyncio.to_thread(self.catalog.encoder.encode, texts)
+        scores = emb[1:] @ emb[0]
+        return [candidates[int(scores.argmax())]]
+
+    def _window(
+        self, voice: _Voice, voices: list[_Voice], history: list[db.MessageRow]
+    ) -> tuple[list[Message], bool]:
         """System prompt plus the newest history that fits the token budget.
 
         The budget is `history_tokens`, less what the system prompt and the reply leave of
         the model's context. Turns alternate user / assistant, as strict chat templates
-        demand: consecutive user messages (several people talking) are merged, and an
+        demand: `voice`'s own lines are its turns; everyone else's (people and the scene's
+        other characters) are named lines of user turns, consecutive ones merged; an
         opening line of the character (its greeting) goes into the system prompt.
         """
-        system_cost = self.count_tokens(voice.system) + 32  # with MULTI_USER and the template
+        system = f"{voice.system}\n{MULTI_USER}"
+        others = [v.speaker.name for v in voices if v is not voice]
+        if others:
+            system += (
+                f"\nAlso in this scene: {', '.join(others)}; their lines start with their "
+                f"names too. Speak only as {voice.speaker.name}."
+            )
+        system_cost = self.count_tokens(system) + 32  # with the template
         room = self.context_tokens - system_cost - self.settings.reply_tokens
         budget = min(self.settings.history_tokens, room)
         picked: list[db.MessageRow] = []
@@ -223,13 +386,12 @@ class ChatService:
         cut = len(picked) < len(history)
         turns: list[tuple[str, str]] = []
         for row in reversed(picked):
-            role = "user" if row.role == "user" else "assistant"
+            role = "assistant" if _is_own(row, voice) else "user"
             text = f"{row.author_name}: {row.content}" if role == "user" else row.content
             if turns and turns[-1][0] == role:
                 turns[-1] = (role, f"{turns[-1][1]}\n{text}")
             else:
                 turns.append((role, text))
-        system = f"{voice.system}\n{MULTI_USER}"
         if turns and turns[0][0] == "assistant":
             system += f"\nYou opened the conversation with: {turns.pop(0)[1]}"
         return [Message(role="system", content=system)] + [
@@ -239,50 +401,132 @@ class ChatService:
     # -- commands ----------------------------------------------------------------------
 
     async def become(self, channel: str, author: Author, text: str) -> Answer:
-        """Switch the channel's character: a name or alias, else a fused free-text persona."""
-        text = " ".join(text.split())
-        if not text:
-            return refusal("Name a character, or describe one.")
-        if len(text) > MAX_PERSONA_CHARS:
-            return refusal(f"A persona description is at most {MAX_PERSONA_CHARS} characters.")
-        found = self.catalog.resolve(text, author.scope)
-        if found.kind == "suggestions":
-            names = ", ".join(found.suggestions)
-            return refusal(
-                f"No character is called {text!r}. Did you mean: {names}?",
-                suggestions=list(found.suggestions),
-            )
+        """Make one character the channel's scene, starting a new conversation.
+
+        `text` is a name or alias, else a free-text persona, fused. The greeting opens it.
+        """
+        member = await self._member(text, author.scope)
+        if isinstance(member, Answer):
+            return member
         async with self._lock(channel), self.sessions() as s:
             state = await self._state(s, channel, author.scope)
             state.session += 1
-            if found.kind == "character" and found.character is not None:
-                state.character_key, state.persona, state.mix = found.character.key, None, {}
-                voice = self._voice(state, author.scope)
+            state.scene = [member.to_json()]
+            voice = self._voices(state, author.scope)[0]
+            if member.key is not None:
                 message = f"**{voice.speaker.name}** now speaks in this channel."
             else:
-                if not self.catalog.trained(author.scope):
-                    return Answer(False, "No trained character to fuse from.", kind="error")
-                query = await asyncio.to_thread(self.catalog.encoder.encode, [text])
-                state.character_key, state.persona = None, text
-                state.mix = self.catalog.fusion_weights(query[0], scope=author.scope)
-                voice = self._voice(state, author.scope)
-                mix = ", ".join(
-                    f"{self.catalog.require(k).name} {w:.0%}" for k, w in state.mix.items()
+                message = (
+                    f"A fused persona now speaks: **{voice.speaker.name}** ({self._mix(member)})."
                 )
-                message = f"A fused persona now speaks: **{voice.speaker.name}** ({mix})."
             if voice.greeting:  # the opening line of the new conversation
                 s.add(
                     db.MessageRow(
                         channel_id=channel,
                         session=state.session,
                         role="character",
-                        author_id=f"character:{voice.character or 'persona'}",
+                        author_id=member.id,
                         author_name=voice.speaker.name,
                         content=voice.greeting,
                     )
                 )
             await s.commit()
         return Answer(True, message, voice.speaker, greeting=voice.greeting)
+
+    async def scene_add(self, channel: str, author: Author, text: str) -> Answer:
+        """Add a character (or a fused persona) to the channel's scene; history is kept."""
+        member = await self._member(text, author.scope)
+        if isinstance(member, Answer):
+            return member
+        async with self._lock(channel), self.sessions() as s:
+            state = await self._state(s, channel, author.scope)
+            chosen = [v.member for v in self._voices(state, author.scope, default=False)]
+            if any(m.id == member.id for m in chosen):
+                return refusal("That character is in this scene already.")
+            if len(chosen) >= self.settings.max_scene:
+                return refusal(
+                    f"A scene holds at most {self.settings.max_scene} characters; "
+                    "/scene remove one first."
+                )
+            state.scene = [m.to_json() for m in (*chosen, member)]
+            voices = self._voices(state, author.scope)
+            await s.commit()
+        voice = voices[-1]
+        extra = f" ({self._mix(member)})" if member.key is None else ""
+        names = ", ".join(v.speaker.name for v in voices)
+        return Answer(
+            True, f"**{voice.speaker.name}**{extra} joins the scene: {names}.", voice.speaker
+        )
+
+    async def scene_remove(self, channel: str, author: Author, text: str) -> Answer:
+        """Take a character out of the channel's scene (by name or alias)."""
+        want = fold(" ".join(text.split()))
+        async with self._lock(channel), self.sessions() as s:
+            state = await self._state(s, channel, author.scope)
+            voices = self._voices(state, author.scope, default=False)
+            gone = next((v for v in voices if want and want in v.names), None)
+            if gone is None:
+                names = ", ".join(v.speaker.name for v in voices) or "nobody was chosen"
+                return refusal(f"No {text.strip()!r} in this scene ({names}).")
+            if len(voices) == 1:
+                return refusal("A scene keeps one character: /become someone else instead.")
+            state.scene = [v.member.to_json() for v in voices if v is not gone]
+            await s.commit()
+        left = ", ".join(v.speaker.name for v in voices if v is not gone)
+        return Answer(True, f"**{gone.speaker.name}** leaves the scene: {left}.", gone.speaker)
+
+    async def scene_mode(self, channel: str, author: Author, mode: str) -> Answer:
+        """Set who answers in the channel's scene: all | addressed | auto."""
+        mode = mode.strip().casefold()
+        if mode not in SCENE_MODES:
+            return refusal(f"The mode is one of {', '.join(SCENE_MODES)}, not {mode!r}.")
+        async with self._lock(channel), self.sessions() as s:
+            state = await self._state(s, channel, author.scope)
+            state.scene_mode = mode
+            await s.commit()
+        return Answer(True, f"Scene mode: {mode} ({MODE_HELP[mode]}).")
+
+    async def scene(self, channel: str, scope: str) -> Answer:
+        """Who is in the channel's scene, and its mode."""
+        async with self.sessions() as s:
+            state = await self._state(s, channel, scope)
+            voices = self._voices(state, scope)
+            chosen = bool(self._voices(state, scope, default=False))
+        names = ", ".join(v.speaker.name for v in voices)
+        if not chosen:
+            return Answer(True, f"{names} speaks here (nobody was chosen; /scene add someone).")
+        mode = state.scene_mode
+        return Answer(True, f"In this scene: {names}. Mode: {mode} ({MODE_HELP[mode]}).")
+
+    async def scene_names(self, channel: str, scope: str) -> list[str]:
+        """The names of the characters chosen for the channel's scene."""
+        async with self.sessions() as s:
+            state = await self._state(s, channel, scope)
+            return [v.speaker.name for v in self._voices(state, scope, default=False)]
+
+    async def _member(self, text: str, scope: str) -> Member | Answer:
+        """The scene member `text` names: a character `scope` sees, else a fused persona."""
+        text = " ".join(text.split())
+        if not text:
+            return refusal("Name a character, or describe one.")
+        if len(text) > MAX_PERSONA_CHARS:
+            return refusal(f"A persona description is at most {MAX_PERSONA_CHARS} characters.")
+        found = self.catalog.resolve(text, scope)
+        if found.kind == "suggestions":
+            names = ", ".join(found.suggestions)
+            return refusal(
+                f"No character is called {text!r}. Did you mean: {names}?",
+                suggestions=list(found.suggestions),
+            )
+        if found.kind == "character" and found.character is not None:
+            return Member(key=found.character.key)
+        if not self.catalog.trained(scope):
+            return Answer(False, "No trained character to fuse from.", kind="error")
+        query = await asyncio.to_thread(self.catalog.encoder.encode, [text])
+        return Member(persona=text, mix=self.catalog.fusion_weights(query[0], scope=scope))
+
+    def _mix(self, member: Member) -> str:
+        return ", ".join(f"{self.catalog.require(k).name} {w:.0%}" for k, w in member.mix.items())
 
     async def characters(self, scope: str) -> list[CharacterInfo]:
         """The characters `scope` sees: its own and the shared cast."""
@@ -306,15 +550,15 @@ class ChatService:
             state = await self._state(s, channel, author.scope)
             state.session += 1
             await s.commit()
-            voice = self._voice(state, author.scope)
-        return Answer(
-            True, f"Conversation reset: {voice.speaker.name} starts afresh.", voice.speaker
-        )
+            voices = self._voices(state, author.scope)
+        names = " and ".join(v.speaker.name for v in voices)
+        start = "starts" if len(voices) == 1 else "start"
+        return Answer(True, f"Conversation reset: {names} {start} afresh.", voices[0].speaker)
 
     async def speaker(self, channel: str, scope: str) -> Speaker:
-        """Who speaks in `channel` (of `scope`) now."""
+        """Who speaks first in `channel` (of `scope`) now."""
         async with self.sessions() as s:
-            return self._voice(await self._state(s, channel, scope), scope).speaker
+            return self._voices(await self._state(s, channel, scope), scope)[0].speaker
 
     # -- state -------------------------------------------------------------------------
 
@@ -324,14 +568,7 @@ class ChatService:
     async def _state(self, s: AsyncSession, channel: str, scope: str) -> db.ChannelState:
         state = await s.get(db.ChannelState, channel)
         if state is None:
-            first = next(iter(self.catalog.trained(scope)), None)
-            state = db.ChannelState(
-                channel_id=channel,
-                character_key=first.key if first else None,
-                persona=None if first else "a helpful assistant",
-                mix={},
-                session=0,
-            )
+            state = db.ChannelState(channel_id=channel, scene=[], scene_mode="all", session=0)
             s.add(state)
             await s.flush()
         return state
@@ -344,28 +581,121 @@ class ChatService:
         )
         return list(rows)
 
-    def _voice(self, state: db.ChannelState, scope: str) -> _Voice:
-        """Who speaks: the channel's character if `scope` sees it, else its persona."""
-        char = self.catalog.get(state.character_key or "")
-        if char is not None and char.visible_in(scope):
-            trained = char.status == "trained"
-            return _Voice(
-                Speaker(char.name, char.card.avatar_url),
-                system_prompt(char.card),
-                char.key if trained else None,
-                {} if trained else dict(char.mix),
-                char.card.greeting,
-            )
-        persona = state.persona or "a helpful assistant"
-        name = neutralise_mentions(persona)[:80]
+    def _voices(self, state: db.ChannelState, scope: str, default: bool = True) -> list[_Voice]:
+        """The scene's characters that `scope` sees, in order.
+
+        With `default` never empty: the scope's first trained character (else a plain
+        assistant) speaks when the scene has nobody left.
+        """
+        voices: list[_Voice] = []
+        for data in state.scene or []:
+            member = Member.from_json(data)
+            voice = None if member is None else self._voice(member, scope)
+            if voice is not None and all(v.member.id != voice.member.id for v in voices):
+                voices.append(voice)
+        if voices or not default:
+            return voices
+        first = next(iter(self.catalog.trained(scope)), None)
+        member = Member(key=first.key) if first else Member(persona="a helpful assistant")
+        return [self._voice(member, scope) or self._persona(member)]
+
+    def _voice(self, member: Member, scope: str) -> _Voice | None:
+        """How `member` speaks; None for a character `scope` does not see (or that is gone)."""
+        if member.key is None:
+            return self._persona(member)
+        char = self.catalog.get(member.key)
+        if char is None or not char.visible_in(scope):
+            return None
+        trained = char.status == "trained"
         return _Voice(
-            Speaker(name), f"You are {persona}. Stay in character.", None, dict(state.mix)
+            Speaker(char.name, char.card.avatar_url),
+            system_prompt(char.card),
+            char.key if trained else None,
+            {} if trained else dict(char.mix),
+            char.card.greeting,
+            member,
+            char.names(),
+            char.card.persona_text(),
+        )
+
+    @staticmethod
+    def _persona(member: Member) -> _Voice:
+        persona = member.persona or "a helpful assistant"
+        name = neutralise_mentions(persona)[:80]
+        system = f"You are {persona}. Stay in character."
+        return _Voice(
+            Speaker(name), system, None, dict(member.mix), "", member, (fold(name),), persona
         )
 
 
-def _turn_id(message_id: str) -> str:
+MODE_HELP: dict[str, str] = {
+    "all": "every character answers each message",
+    "addressed": "the character named, or replied to, answers; else the last one who spoke",
+    "auto": "one character answers: the one named, else the best match to the message",
+}
+
+
+def addressed(voices: list[_Voice], content: str) -> list[_Voice]:
+    """The voices a message names (name or alias as whole words), in order of mention."""
+    text = f" {fold(content)} "
+    found = []
+    for voice in voices:
+        at = [text.find(f" {n} ") for n in voice.names if n]
+        at = [i for i in at if i >= 0]
+        if at:
+            found.append((min(at), voice))
+    return [v for _, v in sorted(found, key=lambda pair: pair[0])]
+
+
+def _streak(spoken: list[db.MessageRow]) -> tuple[str, int] | None:
+    """The author of the newest character line, and how many lines in a row are theirs."""
+    if not spoken:
+        return None
+    last = spoken[-1].author_id
+    count = 0
+    for row in reversed(spoken):
+        if row.author_id != last:
+            break
+        count += 1
+    return last, count
+
+
+def _is_own(row: db.MessageRow, voice: _Voice) -> bool:
+    """Whether a history row is `voice`'s own line (a persona's, before scenes: by name)."""
+    if row.role != "character":
+        return False
+    if row.author_id == voice.member.id:
+        return True
+    return row.author_id == "character:persona" and row.author_name == voice.speaker.name
+
+
+def _own_text(text: str, name: str) -> str:
+    """A reply as posted: mentions broken, and the speaker's own name prefix dropped."""
+    text = text.strip()
+    prefix = f"{name}:"
+    if text.casefold().startswith(prefix.casefold()):
+        text = text[len(prefix) :].lstrip()
+    return neutralise_mentions(text) or "…"
+
+
+def _joined(answers: list[Answer]) -> Answer:
+    first, *rest = answers
+    first.more = rest
+    return first
+
+
+def _digest(member: Member) -> str:
+    return hashlib.sha256(member.id.encode()).hexdigest()[:10]
+
+
+def _reply_id(message_id: str, member: Member) -> str:
+    """The platform id stored with `member`'s answer to a message (unique per pair)."""
+    return f"{message_id[:50]}:{_digest(member)}"
+
+
+def _turn_id(message_id: str, member: Member) -> str:
     clean = re.sub(r"[^A-Za-z0-9_.:-]", "_", message_id)[:100]
-    return f"msg-{clean}"
+    return f"msg-{clean}-{_digest(member)}"
 
 
 def _info(c: Character) -> CharacterInfo:

@@ -52,6 +52,14 @@ class Answer:
     kind: Literal["reply", "info", "error", "busy"] = "info"
     greeting: str = ""
     """After /become: the new speaker's opening line, to post in the channel as the speaker."""
+    ref: int | None = None
+    """A character's reply: its stored line (for `ChatService.mark_posted`)."""
+    more: list[Answer] = field(default_factory=list)
+    """The other characters' answers to the same message, in scene order."""
+
+    def all(self) -> list[Answer]:
+        """This answer and the ones in `more`."""
+        return [self, *self.more]
 
 
 def refusal(text: str, suggestions: list[str] | None = None) -> Answer:

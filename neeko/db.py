@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     event,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -92,16 +93,19 @@ class CharacterRow(Base):
 
 
 class ChannelState(Base):
-    """Who speaks in a channel, and which conversation (session) is current."""
+    """Who speaks in a channel (its scene), and which conversation (session) is current."""
 
     __tablename__ = "channel_state"
 
     channel_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    character_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    """A catalog character, or None with `persona` set (a fused free-text persona)."""
-    persona: Mapped[str | None] = mapped_column(Text, nullable=True)
-    mix: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
-    """Gate weights over trained characters' keys, for a persona."""
+    scene: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
+    """The characters of the channel, in order: `{"key": catalog key}` or, for a fused
+    free-text persona, `{"persona": text, "mix": gate weights over trained keys}`. Empty:
+    nobody was chosen, and the scope's first trained character speaks."""
+    scene_mode: Mapped[str] = mapped_column(String(16), default="all", server_default="all")
+    """Who answers a message in a scene of several: all | addressed | auto."""
     session: Mapped[int] = mapped_column(Integer, default=0)
     """Bumped by /reset and /become: history of older sessions is not in the prompt."""
     webhook_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -123,12 +127,16 @@ class MessageRow(Base):
     session: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
     """user | character."""
-    author_id: Mapped[str] = mapped_column(String(64))
+    author_id: Mapped[str] = mapped_column(String(160))
+    """A user's id, or `character:<key>` / `persona:<digest>` for a character's line."""
     author_name: Mapped[str] = mapped_column(String(128))
     """The user's display name, or the speaking character's name."""
     content: Mapped[str] = mapped_column(Text)
     platform_message_id: Mapped[str | None] = mapped_column(String(64), unique=True)
     """The Discord (or terminal) message id; unique, so a message is stored once."""
+    posted_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    """Where a character's line was posted (its first Discord message), so that a reply to
+    that message addresses its character."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

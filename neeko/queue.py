@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from neeko.errors import NeekoError
@@ -125,10 +125,32 @@ class TurnQueue(abc.ABC):
             TurnTimeout: No final reply within `timeout` seconds.
             TurnFailed: The turn was dead-lettered; the message says why.
         """
+        (stream,) = await self.submit_group([turn], timeout)
+        async for item in stream:
+            yield item
+
+    async def submit_group(
+        self, turns: Sequence[Turn], timeout: float = 300.0
+    ) -> list[AsyncIterator[Chunk | Reply]]:
+        """Queue `turns` together and return each one's stream (what `submit` yields).
+
+        A worker fetches the group in one read: several characters answering one message
+        go this way, so their rows are prefilled and decoded as one batch.
+
+        Raises:
+            NoWorkerError: No worker is alive (no turn is queued).
+        """
+        if len({t.id for t in turns}) < len(turns):
+            raise ValueError("the turns of a group need distinct ids")
         if not await self.workers_alive():
             raise NoWorkerError("no worker is running; start one with `neeko worker`")
-        await self._enqueue(turn)
+        await self._enqueue(turns)
         deadline = time.monotonic() + timeout
+        return [self._stream(t, deadline, timeout) for t in turns]
+
+    async def _stream(
+        self, turn: Turn, deadline: float, timeout: float
+    ) -> AsyncIterator[Chunk | Reply]:
         current = 0  # the delivery whose text is shown
         async for event in self._reply_events(turn.id, deadline):
             if event.kind == "chunk":
@@ -152,7 +174,8 @@ class TurnQueue(abc.ABC):
         raise TurnTimeout(f"no reply to turn {turn.id}")  # pragma: no cover (submit raises)
 
     @abc.abstractmethod
-    async def _enqueue(self, turn: Turn) -> None: ...
+    async def _enqueue(self, turns: Sequence[Turn]) -> None:
+        """Queue each turn whose id was never queued, all at once."""
 
     @abc.abstractmethod
     def _reply_events(self, turn_id: str, deadline: float) -> AsyncIterator[ReplyEvent]:
@@ -235,11 +258,13 @@ class LocalTurnQueue(TurnQueue):
         self._alive: dict[str, float] = {}
         self._stats: Counter[str] = Counter() if counters is None else counters
 
-    async def _enqueue(self, turn: Turn) -> None:
-        if turn.id in self._replies or turn.id in self._results:
-            return
-        self._replies[turn.id] = []
-        await self._put(turn)
+    async def _enqueue(self, turns: Sequence[Turn]) -> None:
+        for turn in turns:  # no await between puts: a fetch sees all of them or none
+            if turn.id in self._replies or turn.id in self._results:
+                continue
+            self._replies[turn.id] = []
+            self._seq += 1
+            self._turns.put_nowait((str(self._seq), turn))
 
     async def _put(self, turn: Turn) -> None:
         self._seq += 1

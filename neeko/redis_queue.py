@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -28,12 +28,18 @@ READ_BLOCK_MS = 20
 APPLIED_TTL_S = 3600
 """How long a counter update is remembered as applied (a retry within it adds nothing)."""
 
-# KEYS: submitted marker, turn stream. ARGV: ttl, turn, stream cap.
-# Queues a turn unless its id was queued before (in one step: a retry never loses it).
+# KEYS: turn stream, then each turn's submitted marker. ARGV: ttl, stream cap, the turns.
+# Queues each turn unless its id was queued before (in one step: a retry never loses one,
+# and a worker reads a group of turns all together or not at all).
 SUBMIT = """
-if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
-return 1
+local added = 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], 1, 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[i + 1])
+    added = added + 1
+  end
+end
+return added
 """
 
 # KEYS: per chunk, its reply stream and that turn's `sent` hash. ARGV: ttl, then per chunk
@@ -144,9 +150,11 @@ class RedisTurnQueue(TurnQueue):
 
     # -- front ends ----------------------------------------------------------------
 
-    async def _enqueue(self, turn: Turn) -> None:
-        args = [self.config.reply_ttl_s, turn.model_dump_json(), self.config.max_turns]
-        stream_keys = [keys.submitted(turn.id), keys.TURNS]
+    async def _enqueue(self, turns: Sequence[Turn]) -> None:
+        """Queue `turns` in one script: a worker reads all of them or none."""
+        args = [self.config.reply_ttl_s, self.config.max_turns]
+        args += [t.model_dump_json() for t in turns]
+        stream_keys = [keys.TURNS] + [keys.submitted(t.id) for t in turns]
         await retry("submit", lambda: self._submit(keys=stream_keys, args=args))
 
     async def _reply_events(self, turn_id: str, deadline: float) -> AsyncIterator[ReplyEvent]:

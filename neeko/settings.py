@@ -42,6 +42,10 @@ class ChatSettings(_Section):
     max_pending: int = Field(8, ge=1)
     """Most messages of one channel being answered or waiting; more are turned away."""
     turn_timeout_s: float = Field(300.0, gt=0)
+    max_scene: int = Field(6, ge=1, le=16)
+    """Most characters in one channel's scene."""
+    scene_max_streak: int = Field(3, ge=1)
+    """In `auto` mode, most replies in a row by one character (unless it is named)."""
     max_characters_per_scope: int = Field(50, ge=0)
     """Most characters one server (or the terminal) may add; the shared cast is not counted."""
     max_jobs_per_scope: int = Field(2, ge=1)

@@ -22,6 +22,11 @@ from neeko.settings import ChatSettings
 
 HELP = """commands:
   /become NAME        switch character (a name, an alias, or a description to fuse)
+  /scene              who is in this channel's scene, and its mode
+  /scene add NAME     bring a character (or a described persona) into the scene
+  /scene remove NAME  take one out
+  /scene mode MODE    all: everyone answers; addressed: the one named (else the last
+                      to speak); auto: the one named, else the best match
   /characters         list the characters
   /reset              start a new conversation with the same character
   /submit FILE        add a character from a card (.json or .png); playable at once
@@ -53,6 +58,7 @@ class Terminal:
             id=f"terminal:{user}", name=user, moderator=True, owner=True, scope=LOCAL
         )
         self._shown = ""
+        self._streaming = False
 
     def write(self, text: str = "", end: str = "\n") -> None:
         """Print and flush."""
@@ -80,6 +86,8 @@ class Terminal:
             return False
         if name == "become":
             self.show(await self.service.become(self.channel, self.author, arg))
+        elif name == "scene":
+            self.show(await self.scene(arg.strip()))
         elif name == "characters":
             for c in await self.service.characters(LOCAL):
                 aliases = f" (also {', '.join(c.aliases)})" if c.aliases else ""
@@ -97,6 +105,19 @@ class Terminal:
         else:
             self.write(f"unknown command /{name}\n{HELP}")
         return True
+
+    async def scene(self, arg: str) -> Answer:
+        """`/scene`, `/scene add NAME`, `/scene remove NAME`, `/scene mode MODE`."""
+        verb, _, rest = arg.partition(" ")
+        if not verb:
+            return await self.service.scene(self.channel, LOCAL)
+        if verb == "add":
+            return await self.service.scene_add(self.channel, self.author, rest)
+        if verb == "remove":
+            return await self.service.scene_remove(self.channel, self.author, rest)
+        if verb == "mode":
+            return await self.service.scene_mode(self.channel, self.author, rest)
+        return Answer(False, f"unknown /scene {verb}: use add, remove or mode")
 
     async def submit(self, arg: str) -> Answer:
         """`/submit FILE` (a card) or `/submit NAME: PROFILE`."""
@@ -126,22 +147,29 @@ class Terminal:
         return await self.moderation.train(self.author, name.strip(), self.channel, data, progress)
 
     async def message(self, text: str) -> None:
-        """Send a message; stream the reply."""
-        speaker = await self.service.speaker(self.channel, LOCAL)
-        self._shown = ""
-        self.write(f"{speaker.name}: ", end="")
+        """Send a message; stream a lone reply, print a scene's replies in order."""
+        self._shown, self._streaming = "", False
         answer = await self.service.handle_message(
             self.channel, self.author, text, uuid.uuid4().hex, on_text=self._stream
         )
-        if answer.ok:
-            self._stream_final(answer.text)
-            for notice in answer.notices:
+        for i, one in enumerate(answer.all()):
+            streamed = i == 0 and self._streaming
+            if one.ok and one.speaker is not None:
+                if streamed:
+                    self._stream_final(one.text)
+                else:
+                    self.write(f"{one.speaker.name}: {one.text}")
+            else:
+                if streamed:
+                    self.write("" if not self._shown else "\n", end="")
+                self.write(f"[{one.text}]")
+            for notice in one.notices:
                 self.write(f"[{notice}]")
-        else:
-            self.write("" if not self._shown else "\n", end="")
-            self.write(f"[{answer.text}]")
 
-    async def _stream(self, _speaker: Speaker, text: str) -> None:
+    async def _stream(self, speaker: Speaker, text: str) -> None:
+        if not self._streaming:
+            self.write(f"{speaker.name}: ", end="")
+            self._streaming = True
         if not text.startswith(self._shown):  # the reply restarted on another worker
             self.write("\n  ...", end="")
             self._shown = ""

@@ -208,6 +208,12 @@ class Worker:
         try:
             indices = await asyncio.to_thread(self.batch.add, [r for _, r in ready])
             self.flights.update(zip(indices, (f for f, _ in ready), strict=True))
+            log.debug(
+                "%s: prefilled %d turn(s) together: %s",
+                self.name,
+                len(ready),
+                " ".join(f.delivery.turn.id for f, _ in ready),
+            )
         except Exception:  # one bad turn fails the batch's prefill: isolate it
             for flight, req in ready:
                 try:

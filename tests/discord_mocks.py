@@ -80,10 +80,15 @@ def make_message(
     dm=False,
     kind=discord.MessageType.default,
     message_id=555,
+    reply_to=None,
 ):
+    """A message; `reply_to` is the id of the message it replies to."""
     channel = channel or make_channel()
     message = create_autospec(discord.Message, instance=True, spec_set=True)
     message.id, message.content, message.clean_content = message_id, content, content
+    message.reference = (
+        None if reply_to is None else discord.MessageReference(message_id=reply_to, channel_id=1)
+    )
     message.author = author or make_member(guild=channel.guild)
     message.channel, message.guild = channel, None if dm else channel.guild
     message.webhook_id, message.type = webhook_id, kind

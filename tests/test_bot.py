@@ -85,9 +85,16 @@ class FakeChatService(_Recorder):
         self.answer: Answer | None = None
         self.become_answer: Answer | None = None
 
-    async def handle_message(self, channel, author, content, message_id, on_text=None):
+    async def handle_message(
+        self, channel, author, content, message_id, on_text=None, reply_to=None
+    ):
         self._record(
-            "handle_message", channel=channel, author=author, content=content, message_id=message_id
+            "handle_message",
+            channel=channel,
+            author=author,
+            content=content,
+            message_id=message_id,
+            reply_to=reply_to,
         )
         for delay, text in self.stream:
             self.clock.now += delay
@@ -127,6 +134,29 @@ class FakeChatService(_Recorder):
     async def speaker(self, channel, scope):
         self._record("speaker", channel=channel, scope=scope)
         return MARA
+
+    async def mark_posted(self, channel, ref, posted_id):
+        self._record("mark_posted", channel=channel, ref=ref, posted_id=posted_id)
+
+    async def scene_add(self, channel, author, text):
+        self._record("scene_add", channel=channel, author=author, text=text)
+        return Answer(True, f"{text} joins the scene.", speaker=Speaker(text))
+
+    async def scene_remove(self, channel, author, text):
+        self._record("scene_remove", channel=channel, author=author, text=text)
+        return Answer(False, f"No {text!r} in this scene.", private=True, kind="error")
+
+    async def scene_mode(self, channel, author, mode):
+        self._record("scene_mode", channel=channel, author=author, mode=mode)
+        return Answer(True, f"Scene mode: {mode}.")
+
+    async def scene(self, channel, scope):
+        self._record("scene", channel=channel, scope=scope)
+        return Answer(True, "In this scene: Captain Mara Vell, Gray. Mode: all.")
+
+    async def scene_names(self, channel, scope):
+        self._record("scene_names", channel=channel, scope=scope)
+        return ["Captain Mara Vell", "Inspector Edmund Gray"]
 
 
 class FakeModeration(_Recorder):
@@ -638,6 +668,49 @@ async def test_reply_goes_through_cached_webhook_as_speaker(chat, service):
     assert service.called("speaker") == []
 
 
+async def test_a_scenes_answers_are_posted_in_order_each_as_its_speaker(chat, service):
+    gray = Speaker("Inspector Edmund Gray", "https://example.com/gray.png")
+    bolt = Speaker("BOLT-7")
+    channel = make_channel()
+    hook = channel.create_webhook.return_value
+    service.answer = Answer(True, "Ahoy!", speaker=MARA, kind="reply", ref=11)
+    service.answer.more = [
+        Answer(True, "Elementary.", speaker=gray, kind="reply", ref=12),
+        Answer(False, "No reply: the turn timed out", speaker=bolt, kind="error"),
+    ]
+    message = make_message(channel=channel, reply_to=777)
+    await chat.on_message(message)
+    assert service.called("handle_message")[0]["reply_to"] == "777"
+    sends = [(c.args[0], c.kwargs["username"]) for c in hook.send.await_args_list]
+    assert sends == [("Ahoy!", MARA.name), ("Elementary.", gray.name)]
+    posted = service.called("mark_posted")
+    assert [(p["channel"], p["ref"]) for p in posted] == [("100", 11), ("100", 12)]
+    assert all(p["posted_id"] for p in posted)
+    message.reply.assert_awaited_once()  # the failed one says so, as the bot
+    assert "timed out" in message.reply.await_args.args[0]
+
+
+async def test_scene_commands_call_the_service_and_announce_changes(cog, service):
+    interaction, events = make_interaction()
+    await cog.scene_add.callback(cog, interaction, "Gray")
+    assert service.called("scene_add")[0]["text"] == "Gray"
+    assert events == ["defer", "followup"]
+    assert "joins the scene" in interaction.channel.send.await_args.args[0]
+    interaction, _ = make_interaction()
+    await cog.scene_remove.callback(cog, interaction, "Nobody")
+    interaction.channel.send.assert_not_awaited()  # refused: nothing to announce
+    assert "No 'Nobody'" in followup_text(interaction)
+    interaction, _ = make_interaction()
+    await cog.scene_mode.callback(cog, interaction, "auto")
+    assert service.called("scene_mode")[0]["mode"] == "auto"
+    interaction, _ = make_interaction()
+    await cog.scene_show.callback(cog, interaction)
+    assert "In this scene" in followup_text(interaction)
+    interaction, _ = make_interaction()
+    choices = await cog.member_autocomplete(interaction, "gr")
+    assert [c.value for c in choices] == ["Inspector Edmund Gray"]
+
+
 async def test_chat_turns_carry_the_messages_guild_scope(chat, service):
     for guild in (HOME_GUILD, OTHER_GUILD):
         await chat.on_message(make_message(channel=make_channel(guild_id=guild)))
@@ -755,6 +828,11 @@ async def test_bot_setup_adds_cogs_and_syncs_to_guild(monkeypatch):
         "character submit",
         "character train",
         "character status",
+        "scene",
+        "scene add",
+        "scene remove",
+        "scene mode",
+        "scene show",
     }
     payloads = {c.name: c.to_dict(bot.tree) for c in bot.tree.get_commands(guild=guild)}
     (character,) = payloads["become"]["options"]

@@ -68,9 +68,9 @@ class RecordingQueue(LocalTurnQueue):
         super().__init__(config, counters)
         self.turns: list[Turn] = []
 
-    async def _enqueue(self, turn):
-        self.turns.append(turn)
-        await super()._enqueue(turn)
+    async def _enqueue(self, turns):
+        self.turns.extend(turns)
+        await super()._enqueue(turns)
 
 
 @pytest.fixture

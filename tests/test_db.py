@@ -134,12 +134,56 @@ async def test_platform_message_id_is_unique(engine):
 
 async def test_attributes_stay_readable_after_commit(engine):
     async with db.sessionmaker(engine)() as session:
-        row = db.ChannelState(channel_id="c1", persona="a pirate")
+        row = db.ChannelState(channel_id="c1", scene=[{"persona": "a pirate", "mix": {}}])
         session.add(row)
         await session.commit()
     # With expire_on_commit=True these would need a lazy load (MissingGreenlet under asyncio).
-    assert (row.channel_id, row.persona, row.session, row.mix) == ("c1", "a pirate", 0, {})
+    assert (row.channel_id, row.scene, row.session, row.scene_mode) == (
+        "c1",
+        [{"persona": "a pirate", "mix": {}}],
+        0,
+        "all",
+    )
     assert row.updated_at.tzinfo is not None
+
+
+async def test_a_channels_one_speaker_becomes_a_scene_of_one_and_back(url):
+    """0003 moves each channel's character (or persona and mix) into its scene, and back."""
+    await db.upgrade(url, "0002")
+    engine = db.make_engine(url)
+    old = [
+        ("c1", "mara_vell", None, "{}"),
+        ("c2", None, "a pirate", '{"mara_vell": 1.0}'),
+        ("c3", None, None, "{}"),
+    ]
+    async with engine.begin() as conn:
+        for channel, key, persona, mix in old:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO channel_state (channel_id, character_key, persona, mix, "
+                    "session, updated_at) VALUES (:c, :k, :p, :m, 3, CURRENT_TIMESTAMP)"
+                ),
+                {"c": channel, "k": key, "p": persona, "m": mix},
+            )
+    await db.upgrade(url)
+    async with db.sessionmaker(engine)() as session:
+        rows = {r.channel_id: r for r in await session.scalars(sa.select(db.ChannelState))}
+    assert rows["c1"].scene == [{"key": "mara_vell"}]
+    assert rows["c2"].scene == [{"persona": "a pirate", "mix": {"mara_vell": 1.0}}]
+    assert rows["c3"].scene == []
+    assert {r.session for r in rows.values()} == {3}
+    assert {r.scene_mode for r in rows.values()} == {"all"}
+    await asyncio.to_thread(command.downgrade, db.alembic_config(url), "0002")
+    async with engine.connect() as conn:
+        back = await conn.execute(
+            sa.text("SELECT channel_id, character_key, persona FROM channel_state")
+        )
+        assert sorted(back.all()) == [
+            ("c1", "mara_vell", None),
+            ("c2", None, "a pirate"),
+            ("c3", None, None),
+        ]
+    await engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -176,7 +220,7 @@ def test_alembic_command_line_upgrade_then_check(tmp_path):
         assert result.returncode == 0, result.stderr
     assert "No new upgrade operations detected" in result.stdout
     with sqlite3.connect(tmp_path / "x.db") as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
 
 
 def _neeko_db(*argv):
@@ -190,9 +234,9 @@ def test_neeko_db_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("NEEKO_DB_PATH", str(tmp_path / "env.db"))
     assert _neeko_db("upgrade") == 0
-    assert capsys.readouterr().out.endswith("env.db: upgraded to revision 0002 (head)\n")
+    assert capsys.readouterr().out.endswith("env.db: upgraded to revision 0003 (head)\n")
     assert _neeko_db("check") == 0
-    assert capsys.readouterr().out.endswith("env.db: at revision 0002, no migration missing\n")
+    assert capsys.readouterr().out.endswith("env.db: at revision 0003, no migration missing\n")
 
     assert _neeko_db("upgrade", "--db-path", str(tmp_path / "path.db")) == 0
     assert (tmp_path / "path.db").exists()

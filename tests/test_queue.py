@@ -355,6 +355,26 @@ async def test_chunks_of_a_superseded_delivery_are_dropped(backend, request):
     await transport.close()
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+async def test_a_group_of_turns_reaches_a_waiting_worker_in_one_read(backend, request):
+    """A worker already blocked in `fetch` gets a scene's turns all at once, not one by one."""
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else ""
+    transport = open_transport(url, FAST)
+    queue = transport.turns
+    await queue.heartbeat("hand")
+    waiting = asyncio.create_task(queue.fetch("hand", 16, 5000))
+    await asyncio.sleep(0.2)  # the read is blocked before the group is queued
+    turns = [make_turn(i) for i in range(3)]
+    streams = await queue.submit_group(turns, 30)
+    got = await asyncio.wait_for(waiting, 10)
+    assert [d.turn.id for d in got] == [t.id for t in turns]
+    assert len(streams) == 3
+    assert await queue.fetch("hand", 16, 0) == []
+    with pytest.raises(ValueError, match="distinct ids"):
+        await queue.submit_group([turns[0], turns[0]])
+    await transport.close()
+
+
 async def test_local_queue_serves_retries_and_dead_letters(store):
     queue = LocalTurnQueue(QueueConfig(max_attempts=2))
     runtime = open_runtime(store, "tiny")

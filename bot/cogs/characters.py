@@ -29,7 +29,7 @@ from bot.sender import (
     with_notices,
 )
 from neeko.characters import guild_scope
-from neeko.chat_types import Author, CharacterInfo
+from neeko.chat_types import Answer, Author, CharacterInfo
 from neeko.settings import DiscordSettings
 
 if TYPE_CHECKING:
@@ -50,6 +50,9 @@ class CharactersCog(commands.Cog):
 
     character = app_commands.Group(
         name="character", description="Add, train and inspect characters.", guild_only=True
+    )
+    scene = app_commands.Group(
+        name="scene", description="Several characters in this channel.", guild_only=True
     )
 
     def __init__(
@@ -118,6 +121,72 @@ class CharactersCog(commands.Cog):
         await _reply(interaction, answer.text)
         if answer.ok:
             await _announce(interaction, f"{_who(interaction)} started a new conversation here.")
+
+    @scene.command(name="add", description="Bring a character into this channel's scene.")
+    @app_commands.describe(
+        character="A character's name, or anyone in free text: 'a grumpy lighthouse keeper'"
+    )
+    async def scene_add(self, interaction: discord.Interaction, character: str) -> None:
+        """Add a character (or a fused persona) to the scene."""
+        await self._scene_change(
+            interaction, lambda c, a: self.service.scene_add(c, a, character), "joins"
+        )
+
+    @scene.command(name="remove", description="Take a character out of this channel's scene.")
+    @app_commands.describe(character="A character of the scene")
+    async def scene_remove(self, interaction: discord.Interaction, character: str) -> None:
+        """Take a character out of the scene."""
+        await self._scene_change(
+            interaction, lambda c, a: self.service.scene_remove(c, a, character), "leaves"
+        )
+
+    @scene.command(name="mode", description="Choose who answers in this channel's scene.")
+    @app_commands.describe(mode="all: everyone; addressed: the one named; auto: the best match")
+    @app_commands.choices(
+        mode=[app_commands.Choice(name=m, value=m) for m in ("all", "addressed", "auto")]
+    )
+    async def scene_mode(self, interaction: discord.Interaction, mode: str) -> None:
+        """Set the scene's mode."""
+        await self._scene_change(
+            interaction, lambda c, a: self.service.scene_mode(c, a, mode), "mode"
+        )
+
+    @scene.command(name="show", description="Who is in this channel's scene.")
+    async def scene_show(self, interaction: discord.Interaction) -> None:
+        """Show the scene and its mode."""
+        await interaction.response.defer(ephemeral=True)
+        answer = await self.service.scene(_channel_key(interaction), _scope(interaction))
+        await _reply(interaction, answer.text)
+
+    async def _scene_change(
+        self,
+        interaction: discord.Interaction,
+        change: Callable[[str, Author], Awaitable[Answer]],
+        what: str,
+    ) -> None:
+        await interaction.response.defer(ephemeral=True)
+        if not chats_in(interaction.channel, self.settings):
+            await _reply(interaction, where_characters_speak(self.settings))
+            return
+        answer = await change(_channel_key(interaction), self._author(interaction))
+        await _reply(interaction, answer.text)
+        if answer.ok:
+            if what == "mode":
+                line = f"{_who(interaction)} changed this scene. {answer.text}"
+            else:
+                name = discord.utils.escape_markdown(answer.speaker.name if answer.speaker else "?")
+                line = f"{_who(interaction)}: **{name}** {what} the scene."
+            await _announce(interaction, line)
+
+    @scene_remove.autocomplete("character")
+    async def member_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        """The scene's characters whose names match what was typed so far."""
+        names = await self.service.scene_names(_channel_key(interaction), _scope(interaction))
+        want = current.casefold().strip()
+        names = [n for n in names if want in n.casefold()][:MAX_CHOICES]
+        return [app_commands.Choice(name=n[:100], value=n[:100]) for n in names if n]
 
     @character.command(name="submit", description="Add a character (moderators).")
     @app_commands.describe(
@@ -202,6 +271,7 @@ class CharactersCog(commands.Cog):
     @status.autocomplete("name")
     @train.autocomplete("name")
     @become.autocomplete("character")
+    @scene_add.autocomplete("character")
     async def character_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:

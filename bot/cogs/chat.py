@@ -18,6 +18,7 @@ from bot.sender import (
     ChannelPoster,
     ReplyStream,
     WebhookCache,
+    split_message,
     with_notices,
 )
 from neeko.chat_types import Speaker
@@ -91,6 +92,7 @@ class ChatCog(commands.Cog):
             await stream.update(text)
 
         guild = message.guild.id if message.guild is not None else None
+        reference = message.reference.message_id if message.reference is not None else None
         async with message.channel.typing():
             answer = await self.service.handle_message(
                 channel,
@@ -98,12 +100,23 @@ class ChatCog(commands.Cog):
                 message.clean_content,
                 str(message.id),
                 on_text=on_text,
+                reply_to=str(reference) if reference is not None else None,
             )
-        text = with_notices(answer.text, answer.notices)
-        if answer.ok and answer.kind == "reply":
-            poster.speaker = answer.speaker
-            await stream.finish(text)
-        elif text.strip():
-            await message.reply(
-                text[:MESSAGE_LIMIT], mention_author=False, allowed_mentions=NO_MENTIONS
-            )
+        for i, one in enumerate(answer.all()):  # a scene's answers, in its order
+            text = with_notices(one.text, one.notices)
+            if one.ok and one.kind == "reply":
+                if i == 0:  # the first answer streamed (if it was the only one)
+                    poster.speaker = one.speaker
+                    await stream.finish(text)
+                    posted = stream.messages
+                else:
+                    posted = [
+                        await ChannelPoster(message.channel, self.webhooks, one.speaker).send(chunk)
+                        for chunk in split_message(text)
+                    ]
+                if posted and one.ref is not None:
+                    await self.service.mark_posted(channel, one.ref, str(posted[0].id))
+            elif text.strip():
+                await message.reply(
+                    text[:MESSAGE_LIMIT], mention_author=False, allowed_mentions=NO_MENTIONS
+                )
