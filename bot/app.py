@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from bot.cogs.characters import CharactersCog
 from bot.cogs.chat import ChatCog
 from bot.sender import MESSAGE_LIMIT, NO_MENTIONS, WebhookCache
+from bot.swipes import SwipeButton
 from neeko.settings import ChatSettings, DiscordSettings
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class NeekoBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         """Add the cogs and sync the slash commands (to `guild_id` only, if set)."""
+        self.add_dynamic_items(SwipeButton)  # swipe buttons work after a restart
         webhooks = WebhookCache()
         await self.add_cog(ChatCog(self.service, self.settings, webhooks=webhooks))
         await self.add_cog(CharactersCog(self.service, self.moderation, self.settings, webhooks))

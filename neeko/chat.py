@@ -14,7 +14,9 @@ import asyncio
 import hashlib
 import logging
 import re
+import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,6 +50,8 @@ def neutralise_mentions(text: str) -> str:
 
 SceneMode = Literal["all", "addressed", "auto"]
 SCENE_MODES: tuple[SceneMode, ...] = ("all", "addressed", "auto")
+MAX_ALTERNATIVES = 10
+"""Most versions one reply keeps (regenerating past it is refused)."""
 RECENT_LINES = 3
 """In `auto` mode, a character's newest lines that join its profile in the match."""
 
@@ -308,6 +312,122 @@ class ChatService:
             else:
                 return item
         raise QueueError("the reply stream ended early")  # pragma: no cover
+
+    # -- swipes ------------------------------------------------------------------------
+
+    async def regenerate(
+        self,
+        channel: str,
+        author: Author,
+        ref: int | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Answer:
+        """Sample a new version of one of the channel's latest replies, and show it.
+
+        `ref` is the reply (`Answer.ref`); None: the newest one. Its prompt is the one it
+        was answered with. Only people who wrote in the conversation may; the answer's
+        `alternative` says which version of how many is shown.
+        """
+        async with self._lock(channel):
+            async with self.sessions() as s:
+                state = await self._state(s, channel, author.scope)
+                row = await self._swipeable(s, state, author, ref)
+                if isinstance(row, Answer):
+                    return row
+                if len(row.alternatives or [row.content]) >= MAX_ALTERNATIVES:
+                    return refusal(f"A reply keeps at most {MAX_ALTERNATIVES} versions.")
+                voices = self._voices(state, author.scope)
+                voice = next((v for v in voices if v.member.id == row.author_id), None)
+                if voice is None:
+                    return refusal(f"{row.author_name} has left this scene.")
+                history = await self._history(s, channel, state.session)
+            prior = _before_round(history, row.id)
+            messages, _ = self._window(voice, voices, prior)
+            others = [v.speaker.name for v in voices if v is not voice]
+            n = len(row.alternatives or [row.content])
+            turn = Turn(
+                id=f"swipe-{row.id}-{n}-{uuid.uuid4().hex[:8]}",
+                channel=channel,
+                character=voice.character,
+                mix=voice.mix,
+                messages=tuple(messages),
+                sampling=Sampling(
+                    max_new_tokens=self.settings.reply_tokens,
+                    temperature=self.settings.temperature,
+                    top_p=self.settings.top_p,
+                    seed=secrets.randbelow(2**31),
+                    stop=tuple(f"\n{name}:" for name in others),
+                ),
+            )
+            try:
+                (stream,) = await self.turns.submit_group([turn], self.settings.turn_timeout_s)
+                reply = await self._generate(stream, voice.speaker, on_text)
+            except QueueError as exc:
+                return Answer(False, f"No new version: {exc}", voice.speaker, kind="error")
+            text = _own_text(reply.text, voice.speaker.name)
+            async with self.sessions() as s:
+                stored = await s.get(db.MessageRow, row.id)
+                if stored is None:  # the channel was deleted meanwhile
+                    return refusal("That reply is gone.")
+                versions = [*(stored.alternatives or [stored.content]), text]
+                stored.alternatives, stored.alternative, stored.content = versions, n, text
+                await s.commit()
+        return Answer(
+            True, text, voice.speaker, kind="reply", ref=row.id, alternative=(n + 1, n + 1)
+        )
+
+    async def choose(self, channel: str, author: Author, ref: int | None, index: int) -> Answer:
+        """Show version `index` (from 0) of one of the latest replies; it stays in history."""
+        return await self._pick_version(channel, author, ref, lambda _: index)
+
+    async def swipe(self, channel: str, author: Author, ref: int | None, step: int) -> Answer:
+        """Show the version `step` away from the one shown (-1: previous, 1: next)."""
+        return await self._pick_version(channel, author, ref, lambda shown: shown + step)
+
+    async def _pick_version(
+        self, channel: str, author: Author, ref: int | None, pick: Callable[[int], int]
+    ) -> Answer:
+        async with self._lock(channel), self.sessions() as s:
+            state = await self._state(s, channel, author.scope)
+            row = await self._swipeable(s, state, author, ref)
+            if isinstance(row, Answer):
+                return row
+            versions = row.alternatives or [row.content]
+            index = pick(row.alternative)
+            if not 0 <= index < len(versions):
+                return refusal(f"That reply has versions 1 to {len(versions)}.")
+            row.alternative, row.content = index, versions[index]
+            await s.commit()
+        speaker = Speaker(row.author_name)
+        for voice in self._voices(state, author.scope):
+            if voice.member.id == row.author_id:
+                speaker = voice.speaker
+        return Answer(
+            True,
+            row.content,
+            speaker,
+            kind="reply",
+            ref=row.id,
+            alternative=(index + 1, len(versions)),
+        )
+
+    async def _swipeable(
+        self, s: AsyncSession, state: db.ChannelState, author: Author, ref: int | None
+    ) -> db.MessageRow | Answer:
+        """The reply `ref` (None: the newest), if `author` may re-roll or browse it."""
+        channel, session = state.channel_id, state.session
+        history = await self._history(s, channel, session)
+        if ref is None:
+            row = next((r for r in reversed(history) if r.role == "character"), None)
+        else:
+            row = next((r for r in history if r.id == ref and r.role == "character"), None)
+        if row is None:
+            return refusal("Only the latest replies of this conversation can be re-rolled.")
+        if any(r.role == "user" and r.id > row.id for r in history):
+            return refusal("Only the latest replies can be re-rolled; this one has been answered.")
+        if not any(r.role == "user" and r.author_id == author.id for r in history):
+            return refusal("Only people who wrote in this conversation can re-roll its replies.")
+        return row
 
     async def mark_posted(self, channel: str, ref: int, posted_id: str) -> None:
         """Record where a character's line (`Answer.ref`) was posted on the platform."""
@@ -676,6 +796,18 @@ def _own_text(text: str, name: str) -> str:
     if text.casefold().startswith(prefix.casefold()):
         text = text[len(prefix) :].lstrip()
     return neutralise_mentions(text) or "…"
+
+
+def _before_round(history: list[db.MessageRow], ref: int) -> list[db.MessageRow]:
+    """The history a reply was answered from.
+
+    Every row before it, less the replies to the same message stored before it: a scene's
+    characters answer side by side, none seeing the others' answers.
+    """
+    prior = [r for r in history if r.id < ref]
+    while prior and prior[-1].role == "character":
+        prior.pop()
+    return prior
 
 
 def _joined(answers: list[Answer]) -> Answer:

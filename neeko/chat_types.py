@@ -54,6 +54,8 @@ class Answer:
     """After /become: the new speaker's opening line, to post in the channel as the speaker."""
     ref: int | None = None
     """A character's reply: its stored line (for `ChatService.mark_posted`)."""
+    alternative: tuple[int, int] | None = None
+    """A re-rolled or browsed reply: which version is shown, of how many (from 1)."""
     more: list[Answer] = field(default_factory=list)
     """The other characters' answers to the same message, in scene order."""
 

@@ -137,6 +137,10 @@ class MessageRow(Base):
     posted_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     """Where a character's line was posted (its first Discord message), so that a reply to
     that message addresses its character."""
+    alternatives: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    """A character's reply re-rolled: every version, in order (None: only `content`)."""
+    alternative: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Which of `alternatives` is shown, and is `content`."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

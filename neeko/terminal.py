@@ -27,6 +27,8 @@ HELP = """commands:
   /scene remove NAME  take one out
   /scene mode MODE    all: everyone answers; addressed: the one named (else the last
                       to speak); auto: the one named, else the best match
+  /retry              re-roll the newest reply (a new sample, shown in its place)
+  /alt N              show version N of the newest reply (it is the one kept)
   /characters         list the characters
   /reset              start a new conversation with the same character
   /submit FILE        add a character from a card (.json or .png); playable at once
@@ -88,6 +90,14 @@ class Terminal:
             self.show(await self.service.become(self.channel, self.author, arg))
         elif name == "scene":
             self.show(await self.scene(arg.strip()))
+        elif name == "retry":
+            self.version(await self.service.regenerate(self.channel, self.author))
+        elif name == "alt":
+            if not arg.strip().isdigit():
+                self.write("[usage: /alt N, a version number from 1]")
+            else:
+                index = int(arg) - 1
+                self.version(await self.service.choose(self.channel, self.author, None, index))
         elif name == "characters":
             for c in await self.service.characters(LOCAL):
                 aliases = f" (also {', '.join(c.aliases)})" if c.aliases else ""
@@ -183,6 +193,14 @@ class Terminal:
             self.write("", end="" if self._shown.endswith("\n") else "\n")
         else:  # the reply restarted after the last chunk shown
             self.write(f"\n{text}")
+
+    def version(self, answer: Answer) -> None:
+        """Print a re-rolled or chosen version of a reply, with which one it is."""
+        if not answer.ok or answer.speaker is None:
+            self.write(f"[{answer.text}]")
+            return
+        shown, total = answer.alternative or (1, 1)
+        self.write(f"{answer.speaker.name}: {answer.text}  [{shown}/{total}]")
 
     def show(self, answer: Answer) -> None:
         """Print a command's answer (and the new speaker's greeting)."""

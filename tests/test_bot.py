@@ -41,6 +41,7 @@ from bot.checks import author_of, chats_in, is_moderator
 from bot.cogs.characters import MAX_CARD_BYTES, CharactersCog, characters_embed
 from bot.cogs.chat import ChatCog
 from bot.sender import WebhookCache, split_message
+from bot.swipes import SwipeButton, press
 from neeko.chat_types import Answer, Author, CharacterInfo, Speaker
 from neeko.settings import ChatSettings, DiscordSettings
 
@@ -134,6 +135,16 @@ class FakeChatService(_Recorder):
     async def speaker(self, channel, scope):
         self._record("speaker", channel=channel, scope=scope)
         return MARA
+
+    async def regenerate(self, channel, author, ref=None, on_text=None):
+        self._record("regenerate", channel=channel, author=author, ref=ref)
+        if author.id == "9":
+            return Answer(False, "Only people who wrote here can.", private=True, kind="error")
+        return Answer(True, "Yarr, again!", speaker=MARA, kind="reply", ref=ref, alternative=(2, 2))
+
+    async def swipe(self, channel, author, ref, step):
+        self._record("swipe", channel=channel, author=author, ref=ref, step=step)
+        return Answer(True, "Ahoy!", speaker=MARA, kind="reply", ref=ref, alternative=(1, 2))
 
     async def mark_posted(self, channel, ref, posted_id):
         self._record("mark_posted", channel=channel, ref=ref, posted_id=posted_id)
@@ -688,6 +699,63 @@ async def test_a_scenes_answers_are_posted_in_order_each_as_its_speaker(chat, se
     assert all(p["posted_id"] for p in posted)
     message.reply.assert_awaited_once()  # the failed one says so, as the bot
     assert "timed out" in message.reply.await_args.args[0]
+
+
+def _view_state(view):
+    buttons = [getattr(c, "item", c) for c in view.children]  # a DynamicItem wraps its button
+    return [(b.label, b.disabled) for b in buttons]
+
+
+async def test_swipe_buttons_go_under_the_newest_replies_only(chat, service):
+    channel = make_channel()
+    hook = channel.create_webhook.return_value
+    first = create_autospec(discord.WebhookMessage, instance=True, spec_set=True)
+    second = create_autospec(discord.WebhookMessage, instance=True, spec_set=True)
+    hook.send.side_effect = [first, second]
+    service.answer = Answer(True, "Ahoy!", speaker=MARA, kind="reply", ref=11)
+    await chat.on_message(make_message(channel=channel))
+    (call,) = first.edit.await_args_list
+    assert _view_state(call.kwargs["view"]) == [
+        ("◀", True),
+        ("1/1", True),
+        ("▶", True),
+        ("↻", False),
+    ]
+    service.answer = Answer(True, "Arr.", speaker=MARA, kind="reply", ref=12)
+    await chat.on_message(make_message(channel=channel, message_id=556))
+    assert first.edit.await_args_list[-1].kwargs == {"view": None}  # off the older reply
+    assert second.edit.await_args.kwargs["view"].children[3].item.custom_id == "neeko:swipe:regen:12"
+
+
+async def test_pressing_regenerate_edits_the_reply_in_place(service):
+    interaction, events = make_interaction()
+    answer = await press(service, SETTINGS, interaction, "regen", 42)
+    assert answer.ok
+    assert service.called("regenerate")[0]["ref"] == 42
+    kwargs = interaction.edit_original_response.await_args.kwargs
+    assert kwargs["content"] == "Yarr, again!"
+    assert _view_state(kwargs["view"]) == [("◀", False), ("2/2", True), ("▶", True), ("↻", False)]
+    interaction, _ = make_interaction()
+    await press(service, SETTINGS, interaction, "prev", 42)
+    assert service.called("swipe")[0]["step"] == -1
+    outsider = make_member(user_id=9, name="Eve")
+    interaction, events = make_interaction(user=outsider)
+    refused = await press(service, SETTINGS, interaction, "next", 42)
+    assert refused.ok  # the fake lets browsing through; re-rolling is refused below
+    interaction, events = make_interaction(user=outsider)
+    refused = await press(service, SETTINGS, interaction, "regen", 42)
+    assert not refused.ok
+    interaction.edit_original_response.assert_not_awaited()
+    assert interaction.followup.send.await_args.kwargs["ephemeral"] is True
+    assert events == ["defer", "followup"]
+
+
+async def test_swipe_buttons_are_rebuilt_from_their_custom_ids():
+    button = SwipeButton("next", 7)
+    match = SwipeButton.__discord_ui_compiled_template__.fullmatch(button.custom_id)
+    rebuilt = await SwipeButton.from_custom_id(None, button.item, match)
+    assert (rebuilt.action, rebuilt.ref) == ("next", 7)
+    assert SwipeButton.__discord_ui_compiled_template__.fullmatch("neeko:swipe:drop:7") is None
 
 
 async def test_scene_commands_call_the_service_and_announce_changes(cog, service):

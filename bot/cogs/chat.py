@@ -21,6 +21,7 @@ from bot.sender import (
     split_message,
     with_notices,
 )
+from bot.swipes import swipe_view
 from neeko.chat_types import Speaker
 from neeko.settings import DiscordSettings
 
@@ -65,6 +66,8 @@ class ChatCog(commands.Cog):
         self.edit_interval = edit_interval
         """Least seconds between two edits of a streaming reply."""
         self.clock = clock
+        self._buttons: dict[int, list[discord.Message]] = {}
+        """Per channel, the messages that show swipe buttons."""
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -102,6 +105,7 @@ class ChatCog(commands.Cog):
                 on_text=on_text,
                 reply_to=str(reference) if reference is not None else None,
             )
+        buttons: list[tuple[discord.Message, int]] = []
         for i, one in enumerate(answer.all()):  # a scene's answers, in its order
             text = with_notices(one.text, one.notices)
             if one.ok and one.kind == "reply":
@@ -116,7 +120,25 @@ class ChatCog(commands.Cog):
                     ]
                 if posted and one.ref is not None:
                     await self.service.mark_posted(channel, one.ref, str(posted[0].id))
+                    buttons.append((posted[-1], one.ref))
             elif text.strip():
                 await message.reply(
                     text[:MESSAGE_LIMIT], mention_author=False, allowed_mentions=NO_MENTIONS
                 )
+        if buttons:
+            await self._move_buttons(message.channel.id, buttons)
+
+    async def _move_buttons(self, channel_id: int, new: list[tuple[discord.Message, int]]) -> None:
+        """Put swipe buttons under the newest replies, and take them off the ones before.
+
+        Best effort: the service refuses a swipe of an older reply anyway.
+        """
+        for old in self._buttons.pop(channel_id, []):
+            with contextlib.suppress(discord.HTTPException):
+                await old.edit(view=None)
+        for posted, ref in new:
+            try:
+                await posted.edit(view=swipe_view(ref))
+            except discord.HTTPException as exc:
+                log.warning("no swipe buttons on reply %d: %s", ref, exc)
+        self._buttons[channel_id] = [posted for posted, _ in new]
