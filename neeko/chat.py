@@ -21,13 +21,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import select
+import torch
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from neeko import db
 from neeko.catalog import Catalog
 from neeko.characters import Character, fold, system_prompt
 from neeko.chat_types import Answer, Author, CharacterInfo, Speaker, TextCallback, refusal
+from neeko.lore import Lorebook, LoreEntry
 from neeko.protocol import Message, Reply, Sampling, Turn
 from neeko.queue import Chunk, QueueError, TurnQueue
 from neeko.settings import ChatSettings
@@ -52,6 +54,12 @@ SceneMode = Literal["all", "addressed", "auto"]
 SCENE_MODES: tuple[SceneMode, ...] = ("all", "addressed", "auto")
 MAX_ALTERNATIVES = 10
 """Most versions one reply keeps (regenerating past it is refused)."""
+MAX_RECALL_ROWS = 5000
+"""Recall looks at most this many lines before the window (the newest of them)."""
+MAX_EMBED_PER_TURN = 256
+"""Most lines embedded for one turn (a long backlog is embedded over several turns)."""
+MIN_SIMILARITY = 0.25
+"""A line less like the newest ones than this (cosine) is never recalled."""
 RECENT_LINES = 3
 """In `auto` mode, a character's newest lines that join its profile in the match."""
 
@@ -235,9 +243,10 @@ class ChatService:
                 history.append(row)
             session, mode = state.session, state.scene_mode
         responders = await self._responders(voices, mode, content, replied, history)
-        notices, turns = [], []
+        notices, turns, recalled = [], [], []
         for voice in responders:
-            messages, cut = self._window(voice, voices, history)
+            messages, cut, used = await self._prompt(voice, voices, history)
+            recalled.append(used)
             if cut and (channel, session) not in self._cut_notified:
                 self._cut_notified.add((channel, session))
                 notices.append(
@@ -296,6 +305,8 @@ class ChatService:
                 s.add(row)
                 await s.flush()
                 answers.append(Answer(True, text, voice.speaker, kind="reply", ref=row.id))
+            if (state := await s.get(db.ChannelState, channel)) is not None:
+                state.recalled = recalled
             await s.commit()
         answers[0].notices = notices
         return _joined(answers)
@@ -342,7 +353,7 @@ class ChatService:
                     return refusal(f"{row.author_name} has left this scene.")
                 history = await self._history(s, channel, state.session)
             prior = _before_round(history, row.id)
-            messages, _ = self._window(voice, voices, prior)
+            messages, _, _ = await self._prompt(voice, voices, prior)
             others = [v.speaker.name for v in voices if v is not voice]
             n = len(row.alternatives or [row.content])
             turn = Turn(
@@ -476,9 +487,12 @@ class ChatService:
         return [candidates[int(scores.argmax())]]
 
     def _window(
-        self, voice: _Voice, voices: list[_Voice], history: list[db.MessageRow]
-    ) -> tuple[list[Message], bool]:
+        self, voice: _Voice, voices: list[_Voice], history: list[db.MessageRow], notes: str = ""
+    ) -> tuple[list[Message], int]:
         """System prompt plus the newest history that fits the token budget.
+
+        `notes` (lore, recalled lines) join the system prompt. Also returns the index in
+        `history` of the first line the window holds.
 
         The budget is `history_tokens`, less what the system prompt and the reply leave of
         the model's context. Turns alternate user / assistant, as strict chat templates
@@ -493,6 +507,7 @@ class ChatService:
                 f"\nAlso in this scene: {', '.join(others)}; their lines start with their "
                 f"names too. Speak only as {voice.speaker.name}."
             )
+        system += notes
         system_cost = self.count_tokens(system) + 32  # with the template
         room = self.context_tokens - system_cost - self.settings.reply_tokens
         budget = min(self.settings.history_tokens, room)
@@ -503,7 +518,7 @@ class ChatService:
                 break
             budget -= cost
             picked.append(row)
-        cut = len(picked) < len(history)
+        start = len(history) - len(picked)
         turns: list[tuple[str, str]] = []
         for row in reversed(picked):
             role = "assistant" if _is_own(row, voice) else "user"
@@ -516,7 +531,99 @@ class ChatService:
             system += f"\nYou opened the conversation with: {turns.pop(0)[1]}"
         return [Message(role="system", content=system)] + [
             Message(role=r, content=t) for r, t in turns
-        ], cut
+        ], start
+
+    async def _prompt(
+        self, voice: _Voice, voices: list[_Voice], history: list[db.MessageRow]
+    ) -> tuple[list[Message], bool, dict[str, Any]]:
+        """`voice`'s prompt, whether its window cut the history, and what else went in.
+
+        The prompt holds the card's lore entries that fire, the window of the history, and
+        the lines before the window that best match the newest ones (recall); what else
+        went in is kept for /memory.
+        """
+        lore = self._lore(voice, history)
+        notes = "".join(f"\n{entry.content}" for entry in lore)
+        messages, start = self._window(voice, voices, history, notes)
+        memory = await self._recall(history[:start], history[-2:])
+        if memory:
+            notes += "\nEarlier in this conversation:\n" + "\n".join(memory)
+            messages, start = self._window(voice, voices, history, notes)
+        used = {"speaker": voice.speaker.name, "memory": memory, "lore": [e.label() for e in lore]}
+        return messages, start > 0, used
+
+    def _lore(self, voice: _Voice, history: list[db.MessageRow]) -> list[LoreEntry]:
+        """The entries of `voice`'s card's lorebook that the recent messages fire."""
+        char = self.catalog.get(voice.member.key or "")
+        if char is None or not self.settings.lore_tokens:
+            return []
+        book = Lorebook.from_card_data(char.card.extra.get("data", {}).get("character_book"))
+        if book is None:
+            return []
+        recent = [r.content for r in history]
+        return book.fire(recent, self.count_tokens, self.settings.lore_tokens)
+
+    async def _recall(self, old: list[db.MessageRow], newest: list[db.MessageRow]) -> list[str]:
+        """Lines of `old` (out of the window) most like the `newest`, in order.
+
+        At most the memory budget. Each line is embedded once, and the vector stored.
+        """
+        budget = self.settings.memory_tokens
+        if not budget or not old or not newest:
+            return []
+        old = old[-MAX_RECALL_ROWS:]
+        missing = [r for r in old if r.embedding is None][-MAX_EMBED_PER_TURN:]
+        query = "\n".join(_line(r) for r in newest)
+        emb = await asyncio.to_thread(
+            self.catalog.encoder.encode, [*(_line(r) for r in missing), query]
+        )
+        if missing:
+            async with self.sessions() as s:
+                for row, vector in zip(missing, emb[:-1], strict=True):
+                    row.embedding = vector.numpy().astype("float32").tobytes()
+                    await s.execute(
+                        update(db.MessageRow)
+                        .where(db.MessageRow.id == row.id)
+                        .values(embedding=row.embedding)
+                    )
+                await s.commit()
+        width = emb.shape[1] * 4
+        rows = [r for r in old if r.embedding is not None and len(r.embedding) == width]
+        if not rows:
+            return []
+        vectors = torch.stack(
+            [torch.frombuffer(bytearray(r.embedding or b""), dtype=torch.float32) for r in rows]
+        )
+        scores = vectors @ emb[-1]
+        chosen, used = [], 0
+        for i in scores.argsort(descending=True).tolist():
+            if scores[i] < MIN_SIMILARITY:
+                break
+            cost = self.count_tokens(_line(rows[i])) + 4
+            if used + cost <= budget:
+                chosen.append(i)
+                used += cost
+        return [_line(rows[i]) for i in sorted(chosen)]
+
+    async def memory(self, channel: str, scope: str) -> Answer:
+        """What the last reply's prompt held besides the history: recalled lines and lore."""
+        async with self.sessions() as s:
+            state = await self._state(s, channel, scope)
+            used = list(state.recalled or [])
+        parts = []
+        for one in used:
+            if not isinstance(one, dict):
+                continue
+            name, memory, lore = (
+                one.get("speaker", "?"),
+                one.get("memory") or [],
+                one.get("lore") or [],
+            )
+            if memory:
+                parts.append(f"{name} recalled:\n" + "\n".join(f"  {line}" for line in memory))
+            if lore:
+                parts.append(f"{name}'s lorebook: {', '.join(lore)}")
+        return Answer(True, "\n".join(parts) or "Nothing was recalled for the last reply.")
 
     # -- commands ----------------------------------------------------------------------
 
@@ -796,6 +903,10 @@ def _own_text(text: str, name: str) -> str:
     if text.casefold().startswith(prefix.casefold()):
         text = text[len(prefix) :].lstrip()
     return neutralise_mentions(text) or "…"
+
+
+def _line(row: db.MessageRow) -> str:
+    return f"{row.author_name}: {row.content}"
 
 
 def _before_round(history: list[db.MessageRow], ref: int) -> list[db.MessageRow]:

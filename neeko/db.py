@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -108,6 +109,11 @@ class ChannelState(Base):
     """Who answers a message in a scene of several: all | addressed | auto."""
     session: Mapped[int] = mapped_column(Integer, default=0)
     """Bumped by /reset and /become: history of older sessions is not in the prompt."""
+    recalled: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
+    """What the last reply's prompt held besides the history, per character that answered:
+    `{"speaker", "memory": [lines recalled], "lore": [lorebook entries]}` (for /memory)."""
     webhook_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
@@ -137,6 +143,8 @@ class MessageRow(Base):
     posted_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     """Where a character's line was posted (its first Discord message), so that a reply to
     that message addresses its character."""
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """The line's role-encoder embedding (float32), made once it leaves the history window."""
     alternatives: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     """A character's reply re-rolled: every version, in order (None: only `content`)."""
     alternative: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

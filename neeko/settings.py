@@ -42,6 +42,10 @@ class ChatSettings(_Section):
     max_pending: int = Field(8, ge=1)
     """Most messages of one channel being answered or waiting; more are turned away."""
     turn_timeout_s: float = Field(300.0, gt=0)
+    memory_tokens: int = Field(256, ge=0)
+    """Budget of the lines recalled from earlier in a conversation (0: no recall)."""
+    lore_tokens: int = Field(400, ge=0)
+    """Most tokens of lorebook entries in one prompt (a book's own budget may be smaller)."""
     max_scene: int = Field(6, ge=1, le=16)
     """Most characters in one channel's scene."""
     scene_max_streak: int = Field(3, ge=1)

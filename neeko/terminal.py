@@ -29,6 +29,7 @@ HELP = """commands:
                       to speak); auto: the one named, else the best match
   /retry              re-roll the newest reply (a new sample, shown in its place)
   /alt N              show version N of the newest reply (it is the one kept)
+  /memory             what the last reply recalled (earlier lines, lorebook entries)
   /characters         list the characters
   /reset              start a new conversation with the same character
   /submit FILE        add a character from a card (.json or .png); playable at once
@@ -98,6 +99,8 @@ class Terminal:
             else:
                 index = int(arg) - 1
                 self.version(await self.service.choose(self.channel, self.author, None, index))
+        elif name == "memory":
+            self.show(await self.service.memory(self.channel, LOCAL))
         elif name == "characters":
             for c in await self.service.characters(LOCAL):
                 aliases = f" (also {', '.join(c.aliases)})" if c.aliases else ""

@@ -146,6 +146,10 @@ class FakeChatService(_Recorder):
         self._record("swipe", channel=channel, author=author, ref=ref, step=step)
         return Answer(True, "Ahoy!", speaker=MARA, kind="reply", ref=ref, alternative=(1, 2))
 
+    async def memory(self, channel, scope):
+        self._record("memory", channel=channel, scope=scope)
+        return Answer(True, "Mara recalled:\n  Ann: my cat is Pickles")
+
     async def mark_posted(self, channel, ref, posted_id):
         self._record("mark_posted", channel=channel, ref=ref, posted_id=posted_id)
 
@@ -724,7 +728,8 @@ async def test_swipe_buttons_go_under_the_newest_replies_only(chat, service):
     service.answer = Answer(True, "Arr.", speaker=MARA, kind="reply", ref=12)
     await chat.on_message(make_message(channel=channel, message_id=556))
     assert first.edit.await_args_list[-1].kwargs == {"view": None}  # off the older reply
-    assert second.edit.await_args.kwargs["view"].children[3].item.custom_id == "neeko:swipe:regen:12"
+    regen = second.edit.await_args.kwargs["view"].children[3].item
+    assert regen.custom_id == "neeko:swipe:regen:12"
 
 
 async def test_pressing_regenerate_edits_the_reply_in_place(service):
@@ -774,6 +779,10 @@ async def test_scene_commands_call_the_service_and_announce_changes(cog, service
     interaction, _ = make_interaction()
     await cog.scene_show.callback(cog, interaction)
     assert "In this scene" in followup_text(interaction)
+    interaction, _ = make_interaction()
+    await cog.memory.callback(cog, interaction)
+    assert service.called("memory")[0]["channel"] == "100"
+    assert "Pickles" in followup_text(interaction)
     interaction, _ = make_interaction()
     choices = await cog.member_autocomplete(interaction, "gr")
     assert [c.value for c in choices] == ["Inspector Edmund Gray"]
@@ -891,6 +900,7 @@ async def test_bot_setup_adds_cogs_and_syncs_to_guild(monkeypatch):
     assert names == {
         "become",
         "characters",
+        "memory",
         "reset",
         "character",
         "character submit",

@@ -220,7 +220,7 @@ def test_alembic_command_line_upgrade_then_check(tmp_path):
         assert result.returncode == 0, result.stderr
     assert "No new upgrade operations detected" in result.stdout
     with sqlite3.connect(tmp_path / "x.db") as conn:
-        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0004",)]
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
 
 
 def _neeko_db(*argv):
@@ -234,9 +234,9 @@ def test_neeko_db_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("NEEKO_DB_PATH", str(tmp_path / "env.db"))
     assert _neeko_db("upgrade") == 0
-    assert capsys.readouterr().out.endswith("env.db: upgraded to revision 0004 (head)\n")
+    assert capsys.readouterr().out.endswith("env.db: upgraded to revision 0005 (head)\n")
     assert _neeko_db("check") == 0
-    assert capsys.readouterr().out.endswith("env.db: at revision 0004, no migration missing\n")
+    assert capsys.readouterr().out.endswith("env.db: at revision 0005, no migration missing\n")
 
     assert _neeko_db("upgrade", "--db-path", str(tmp_path / "path.db")) == 0
     assert (tmp_path / "path.db").exists()

@@ -99,6 +99,14 @@ class CharactersCog(commands.Cog):
                     for chunk in split_message(answer.greeting):
                         await poster.send(chunk)
 
+    @app_commands.command(name="memory", description="What the last reply recalled.")
+    @app_commands.guild_only()
+    async def memory(self, interaction: discord.Interaction) -> None:
+        """Show the earlier lines and lorebook entries the last reply's prompt held."""
+        await interaction.response.defer(ephemeral=True)
+        answer = await self.service.memory(_channel_key(interaction), _scope(interaction))
+        await _reply(interaction, answer.text)
+
     @app_commands.command(name="characters", description="List the characters to talk to.")
     @app_commands.guild_only()
     async def characters(self, interaction: discord.Interaction) -> None:
