@@ -503,10 +503,7 @@ class ChatService:
         system = f"{voice.system}\n{MULTI_USER}"
         others = [v.speaker.name for v in voices if v is not voice]
         if others:
-            system += (
-                f"\nAlso in this scene: {', '.join(others)}; their lines start with their "
-                f"names too. Speak only as {voice.speaker.name}."
-            )
+            system += f"\nAlso here: {', '.join(others)}."
         system += notes
         system_cost = self.count_tokens(system) + 32  # with the template
         room = self.context_tokens - system_cost - self.settings.reply_tokens

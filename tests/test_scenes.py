@@ -1,10 +1,12 @@
 """Scenes: several characters in one channel, on a real SQLite file, the in-process queue
 and worker, and the tiny model."""
 
+import asyncio
 import logging
 
 import pytest
 from conftest import NAMES
+from queue_helpers import serving_worker
 from sqlalchemy import select
 
 from neeko import db
@@ -12,7 +14,9 @@ from neeko.characters import LOCAL
 from neeko.chat import addressed
 from neeko.chat_types import Author
 from neeko.engine import GenerationRequest
+from neeko.redis_server import RedisServer
 from neeko.runtime import open_runtime
+from neeko.transport import open_transport
 from neeko.wiring import open_services
 
 ANN = Author("u1", "Ann", scope=LOCAL)
@@ -77,12 +81,39 @@ async def test_all_mode_answers_from_one_batch_each_as_if_alone(settings, record
         await service.handle_message("c", ANN, "And now?", "m2")
     birch = next(t for t in recorded[3:] if t.character == "birch")
     assert [m.role for m in birch.messages] == ["system", "user", "assistant", "user"]
-    assert "Also in this scene: Ash, Cedar" in birch.messages[0].content
+    assert "\nAlso here: Ash, Cedar." in birch.messages[0].content
     assert birch.messages[1].content == f"Ann: Who are you all?\nAsh: {answers[0].text}"
     assert birch.messages[2].content == answers[1].text
     assert birch.messages[3].content == f"Cedar: {answers[2].text}\nAnn: And now?"
     assert "\nAsh:" in birch.sampling.stop
     assert "\nBirch:" not in birch.sampling.stop
+
+
+@pytest.mark.redis
+async def test_all_mode_over_redis_is_one_batch_too(settings, caplog):
+    """The bot and a worker apart, through a real redis-server: still one batch."""
+    caplog.set_level(logging.DEBUG, logger="neeko.worker")
+    with RedisServer() as server:
+        settings = settings.model_copy(update={"redis_url": server.url})
+        transport = open_transport(server.url)
+        worker = serving_worker(
+            transport.turns, transport.events, open_runtime(settings.store, "tiny")
+        )
+        serving = asyncio.create_task(worker.run())
+        try:
+            async with open_services(settings) as (service, _):
+                for name in ("Dune", "Ember", "Fjord"):
+                    await service.scene_add("c", ANN, name)
+                answer = await service.handle_message("c", ANN, "Who are you all?", "m1")
+        finally:
+            worker.stop()
+            await serving
+            await transport.close()
+    assert [a.speaker.name for a in answer.all()] == ["Dune", "Ember", "Fjord"]
+    assert all(a.ok for a in answer.all())
+    batches = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
+    assert len(batches) == 1
+    assert "prefilled 3 turn(s) together" in batches[0]
 
 
 async def test_addressed_mode_follows_names_replies_and_the_last_speaker(settings, recorded):
