@@ -32,6 +32,7 @@ from neeko.engine import (
     SamplingParams,
     _Row,
 )
+from neeko.kvcache import PrefixCache
 from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 
@@ -160,6 +161,8 @@ def run_engine_bench(
     _log("switch cost and mixed-batch equivalence")
     switch_ms, prepare_ms = _switch_ms(ours1000, bank1000)
     same_tokens, max_diff = _mixed_vs_alone(ours, bank, new_tokens)
+    _log("a follow-up turn after a 1,500-token history: reused KV cache vs full prefill")
+    followup = _followup(ours, rounds, new_tokens)
 
     base16 = med["base_b16"].tpot_s
     out: dict[str, Any] = {f"tok_s_{name}": round(t.tok_s, 2) for name, t in med.items()}
@@ -180,6 +183,7 @@ def run_engine_bench(
         "mixed_tokens_identical": same_tokens,
         "mixed_max_logit_diff": max_diff,
     }
+    out |= followup
     out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
     out |= {f"ttft_ms_{name}": round(t.ttft_s * 1e3, 3) for name, t in med.items()}
     out |= {
@@ -279,6 +283,64 @@ def _switch_ms(engine: Engine, bank: LoRABank, samples: int = 9) -> tuple[float,
         again = _time(engine, _requests([{bank.n_blocks - 1 - samples - j: 1.0}], 1)).ttft_s
         extra.append((first - again) * 1e3)
     return statistics.median(extra), statistics.median(prepare)
+
+
+FILLER = (
+    "The harbour bell rang twice before dawn, and the fishing boats came back early with "
+    "torn nets, wet rope and stories about lights on the water past the northern reef."
+)
+
+
+def _followup(engine: Engine, rounds: int, new_tokens: int) -> dict[str, Any]:
+    """Time to first token of a channel's next turn after a ~1,500-token history.
+
+    With its previous turn's KV cache reused vs prefilled in full, alternating; and whether
+    both give the same greedy tokens.
+    """
+    history = [PROMPT[0]]
+    while len(engine.render(history)) < 1500:
+        history.append({"role": "user", "content": f"Ann: {FILLER}"})
+        history.append({"role": "assistant", "content": FILLER})
+    history.append(PROMPT[1])
+    gate = {0: 1.0}
+    first = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    saved = engine.prefix_cache
+    try:
+        cache = PrefixCache(2**30)
+        engine.prefix_cache = cache
+        reply = engine.generate([GenerationRequest(history, gate, first)])[0]
+        follow = [*history, {"role": "assistant", "content": reply.text}]
+        follow.append({"role": "user", "content": "Ann: And what did the lights look like?"})
+        reused, full, cached = [], [], 0
+        for _ in range(rounds + 1):  # the first round warms up
+            cache.clear()
+            engine.prefix_cache = cache
+            engine.generate([GenerationRequest(history, gate, first)])
+            hit = engine.generate([GenerationRequest(follow, gate, one)])[0]
+            engine.prefix_cache = None
+            miss = engine.generate([GenerationRequest(follow, gate, one)])[0]
+            reused.append(hit.ttft_s)
+            full.append(miss.ttft_s)
+            cached = hit.cached_tokens
+        cache.clear()
+        engine.prefix_cache = cache
+        engine.generate([GenerationRequest(history, gate, first)])
+        with_cache = engine.generate([GenerationRequest(follow, gate, first)])[0]
+        engine.prefix_cache = None
+        without = engine.generate([GenerationRequest(follow, gate, first)])[0]
+    finally:
+        engine.prefix_cache = saved
+    return {
+        "ttft_followup_vs_full": round(
+            statistics.median(reused[1:]) / statistics.median(full[1:]), 4
+        ),
+        "ttft_ms_followup_reused": round(statistics.median(reused[1:]) * 1e3, 2),
+        "ttft_ms_followup_full": round(statistics.median(full[1:]) * 1e3, 2),
+        "followup_prompt_tokens": with_cache.prompt_tokens,
+        "followup_cached_tokens": cached,
+        "followup_tokens_identical": with_cache.token_ids == without.token_ids,
+    }
 
 
 def _mixed_vs_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bool, float]:

@@ -28,6 +28,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--gather-ms", type=float, default=0.0, help="wait for more turns before a prefill"
     )
+    worker.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        default=512,
+        help="memory for finished turns' KV caches, reused by the next turn (0: off)",
+    )
     worker.add_argument("--max-attempts", type=int, default=3)
     worker.add_argument("--claim-idle-ms", type=int, default=30_000)
     worker.add_argument("--job-idle-ms", type=int, default=60_000)
@@ -88,7 +94,12 @@ async def _serve(transport: Transport, args: argparse.Namespace) -> int:
             transport.jobs, transport.events, runtime, name=args.name
         )
     else:
-        cfg = WorkerConfig(max_batch=args.max_batch, gather_ms=args.gather_ms, log_s=args.log_s)
+        cfg = WorkerConfig(
+            max_batch=args.max_batch,
+            gather_ms=args.gather_ms,
+            log_s=args.log_s,
+            kv_cache_mb=args.kv_cache_mb,
+        )
         server = Worker(transport.turns, follower, runtime, cfg, name=args.name)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from neeko.errors import GenerationError
+from neeko.kvcache import Hit, PrefixCache
 from neeko.lora import Gate, LoRABank, LoRAPath, Routing
 from neeko.model import LoadedModel
 
@@ -82,6 +83,8 @@ class GenerationResult:
     """Seconds from admission to the first token."""
     total_s: float
     """Seconds from admission to the last token."""
+    cached_tokens: int = 0
+    """Prompt tokens not prefilled: their keys and values came from the prefix cache."""
 
 
 class _Row:
@@ -97,6 +100,8 @@ class _Row:
         self.text = ""
         self.finish: FinishReason | None = None
         self.t0 = t0  # when the request was handed to the batch (before tokenizing)
+        self.cached = 0
+        """Prompt tokens whose keys and values came from the prefix cache."""
         self.t_first = self.t_last = 0.0
         seed = self.sampling.seed
         self.generator = torch.Generator().manual_seed(
@@ -110,6 +115,7 @@ class _Row:
             finish_reason=self.finish or "length",
             prompt_tokens=len(self.prompt),
             completion_tokens=len(self.tokens),
+            cached_tokens=self.cached,
             ttft_s=self.t_first - self.t0,
             total_s=self.t_last - self.t0,
         )
@@ -138,6 +144,8 @@ class Engine:
         if self.pad_id is None:
             self.pad_id = next(iter(self.eos_ids), 0)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.prefix_cache: PrefixCache | None = None
+        """Set to reuse conversations' KV caches across turns (`neeko.kvcache`)."""
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of `messages` in the model's chat template, ready for the reply."""
@@ -230,15 +238,37 @@ class DecodeBatch:
         ]
         routing = eng.make_routing(rows)  # checks gates before any state changes
         self._next_index += len(rows)
-        width = max(len(p) for p in prompts)
+        cache = eng.prefix_cache
+        hits = [
+            cache.lookup(r.gate, p) if cache else None
+            for r, p in zip(requests, prompts, strict=True)
+        ]
+        fresh = [i for i, hit in enumerate(hits) if hit is None]
+        groups: list[tuple[list[int], Hit | None]] = [(fresh, None)] if fresh else []
+        groups += [([i], hit) for i, hit in enumerate(hits) if hit is not None]
+        for members, hit in groups:
+            part = [rows[i] for i in members]
+            sub = routing if len(members) == len(rows) else _select(eng, routing, members, part)
+            self._prefill(part, sub, hit)
+        return [r.index for r in rows]
+
+    def _prefill(self, rows: list[_Row], routing: Any, hit: Hit | None) -> None:
+        """Prefill `rows` together (or one row after its cached prefix) and merge them in."""
+        eng = self.engine
+        start = hit.length if hit is not None else 0
+        width = max(len(r.prompt) for r in rows) - start
         ids = torch.full((len(rows), width), eng.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        mask = torch.zeros((len(rows), width + start), dtype=torch.long)
+        for i, r in enumerate(rows):
+            new = r.prompt[start:]
+            ids[i, width - len(new) :] = torch.tensor(new)
+            mask[i, width + start - len(r.prompt) :] = 1
         ids, mask = ids.to(eng.device), mask.to(eng.device)
         cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if hit is not None:
+            for layer, (k, v) in enumerate(hit.layers):
+                cache.update(k.to(eng.device), v.to(eng.device), layer)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
         logits = eng.forward(
             routing,
             input_ids=ids,
@@ -246,8 +276,9 @@ class DecodeBatch:
             position_ids=positions,
             cache=cache,
         )
+        for r in rows:
+            r.cached = start
         pending = self._sample(logits, rows)
-        indices = [r.index for r in rows]
         keep = self._record(rows, pending.tolist())
         if len(keep) < len(rows):
             idx = torch.tensor(keep, dtype=torch.long, device=eng.device)
@@ -257,7 +288,6 @@ class DecodeBatch:
             routing = eng.select_routing(routing, idx, rows) if rows else None
         if rows:
             self._merge(rows, cache, mask, positions[:, -1] + 1, pending, routing)
-        return indices
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -280,8 +310,24 @@ class DecodeBatch:
         self.pending = self._sample(logits, self.rows)
         keep = self._record(self.rows, self.pending.tolist())
         if len(keep) < len(self.rows):
+            self._remember([i for i in range(len(self.rows)) if i not in set(keep)])
             self._keep(keep)
         return bool(self.rows)
+
+    def _remember(self, done: list[int]) -> None:
+        """Keep the KV cache of finished rows for their conversation's next turn."""
+        cache = self.engine.prefix_cache
+        if cache is None or self.cache is None or self.mask is None:
+            return
+        for i in done:
+            row = self.rows[i]
+            real = self.mask[i].nonzero().squeeze(-1)
+            fed = (row.prompt + row.tokens)[: real.numel()]
+            layers = [
+                (layer.keys[i : i + 1, :, real], layer.values[i : i + 1, :, real])
+                for layer in self.cache.layers
+            ]
+            cache.store(row.request.gate, fed, layers)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -403,6 +449,12 @@ class DecodeBatch:
         self.pending = torch.cat([self.pending, pending])
         self.rows = self.rows + rows
         self.routing = self.engine.merge_routing(self.routing, routing, self.rows)
+
+
+def _select(eng: Engine, routing: Any, members: list[int], rows: list[_Row]) -> Any:
+    """The routing of some of a new batch's rows (by their indices in it)."""
+    idx = torch.tensor(members, dtype=torch.long, device=eng.device)
+    return eng.select_routing(routing, idx, rows)
 
 
 def _pad_left(t: Tensor, width: int, dim: int) -> Tensor:

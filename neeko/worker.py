@@ -29,6 +29,7 @@ from neeko.engine import DecodeBatch, GenerationRequest
 from neeko.events import EventBus
 from neeko.follower import CatalogFollower
 from neeko.jobs import JobDelivery, JobQueue
+from neeko.kvcache import PrefixCache
 from neeko.lora import Gate
 from neeko.protocol import CatalogEvent, JobStatus, Reply, Turn
 from neeko.queue import Delivery, TurnQueue
@@ -57,10 +58,13 @@ class WorkerConfig:
     """Seconds between checks for catalog events."""
     log_s: float = 30.0
     """Seconds between status log lines."""
+    kv_cache_mb: int = 512
+    """Memory for the KV caches of finished turns, reused by their conversation's next
+    turn (`neeko.kvcache`); 0 turns reuse off."""
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.block_ms < 1 or self.gather_ms < 0:
-            raise ValueError("max_batch and block_ms must be >= 1, gather_ms >= 0")
+        if self.max_batch < 1 or self.block_ms < 1 or self.gather_ms < 0 or self.kv_cache_mb < 0:
+            raise ValueError("max_batch and block_ms must be >= 1, gather_ms and kv_cache_mb >= 0")
 
 
 def worker_name(kind: str = "worker") -> str:
@@ -92,6 +96,8 @@ class Worker:
         self.turns, self.follower, self.runtime = turns, follower, runtime
         self.config = config or WorkerConfig()
         self.name = name or worker_name()
+        mb = self.config.kv_cache_mb
+        runtime.engine.prefix_cache = PrefixCache(mb * 2**20) if mb else None
         self.batch = DecodeBatch(runtime.engine)
         self.flights: dict[int, _Flight] = {}
         self._stopping = asyncio.Event()

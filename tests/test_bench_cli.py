@@ -44,6 +44,11 @@ def test_bench_engine_json_on_tiny(capsys):
     assert all(result[k] > 0 for k in KEYS if k.startswith("tok_s_"))
     ratio = result["tok_s_k8_b16"] / result["tok_s_k1_b16"]
     assert result["mixed_vs_single_k8"] == pytest.approx(ratio, rel=1e-2)
+    assert result["followup_tokens_identical"] is True
+    assert 0 < result["followup_cached_tokens"] < result["followup_prompt_tokens"]
+    assert result["followup_prompt_tokens"] > 1500
+    ratio = result["ttft_ms_followup_reused"] / result["ttft_ms_followup_full"]
+    assert result["ttft_followup_vs_full"] == pytest.approx(ratio, rel=1e-2)
 
 
 @pytest.mark.redis

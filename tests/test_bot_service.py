@@ -86,7 +86,8 @@ async def _rows(service, channel="100"):
 
 
 def _posts(channel) -> list[list[str]]:
-    """[username, text] of every post through the channel's webhook, kept up to date by edits."""
+    """[username, text] of every post through the channel's webhook, kept up to date by edits
+    (an edit that only changes the buttons leaves the text)."""
     posts: list[list[str]] = []
 
     def send(text, **kwargs):
@@ -94,7 +95,7 @@ def _posts(channel) -> list[list[str]]:
         post = [kwargs["username"], text]
         posts.append(post)
         message = create_autospec(discord.WebhookMessage, instance=True, spec_set=True)
-        message.edit.side_effect = lambda **k: post.__setitem__(1, k["content"])
+        message.edit.side_effect = lambda **k: post.__setitem__(1, k.get("content", post[1]))
         return message
 
     channel.create_webhook.return_value.send.side_effect = send
