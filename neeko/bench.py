@@ -160,7 +160,7 @@ def run_engine_bench(
     med = _lockstep(configs, new_tokens, rounds)
     _log("switch cost and mixed-batch equivalence")
     switch_ms, prepare_ms = _switch_ms(ours1000, bank1000)
-    same_tokens, max_diff = _mixed_vs_alone(ours, bank, new_tokens)
+    same_tokens, max_diff, base_diff = _mixed_vs_alone(ours, bank, new_tokens, base)
     _log("a follow-up turn after a 1,500-token history: reused KV cache vs full prefill")
     followup = _followup(ours, rounds, new_tokens)
 
@@ -182,6 +182,7 @@ def run_engine_bench(
         "mixed_matches_alone": same_tokens and max_diff <= 1e-4,
         "mixed_tokens_identical": same_tokens,
         "mixed_max_logit_diff": max_diff,
+        "base_batch_max_logit_diff": base_diff,
     }
     out |= followup
     out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
@@ -343,11 +344,15 @@ def _followup(engine: Engine, rounds: int, new_tokens: int) -> dict[str, Any]:
     }
 
 
-def _mixed_vs_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bool, float]:
+def _mixed_vs_alone(
+    engine: Engine, bank: LoRABank, new_tokens: int, base: Engine
+) -> tuple[bool, float, float]:
     """Every row of a K=16 mixed batch vs that row alone: same greedy tokens? max logit diff?
 
     Tokens come from generation (KV cache, decode steps); logits from one teacher-forced
-    forward over prompt + reply, batch vs each row alone.
+    forward over prompt + reply, batch vs each row alone. The third figure is the same
+    logit difference for the base model without a bank (its own GEMMs may round differently
+    at batch 16 than at batch 1 on some machines): what the bank adds is the difference.
     """
     gates = [{i: 1.0} for i in range(BATCH)]
     batch = engine.generate(_requests(gates, new_tokens))
@@ -355,7 +360,7 @@ def _mixed_vs_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bo
     same_tokens = all(a.token_ids == b.token_ids for a, b in zip(batch, alone, strict=True))
     prompt = engine.render(PROMPT)
     ids = torch.tensor([prompt + r.token_ids for r in batch], device=engine.device)
-    max_diff = 0.0
+    max_diff = base_diff = 0.0
     with torch.inference_mode():
         with bank.route(bank.routing(gates, path=engine.path)):
             mixed = engine.model(input_ids=ids).logits.float()
@@ -363,4 +368,8 @@ def _mixed_vs_alone(engine: Engine, bank: LoRABank, new_tokens: int) -> tuple[bo
             with bank.route(bank.routing([g], path=engine.path)):
                 row = engine.model(input_ids=ids[i : i + 1]).logits.float()
             max_diff = max(max_diff, float((mixed[i] - row[0]).abs().max()))
-    return same_tokens, max_diff
+        plain = base.model(input_ids=ids.to(base.device)).logits.float()
+        for i in range(len(gates)):
+            row = base.model(input_ids=ids[i : i + 1].to(base.device)).logits.float()
+            base_diff = max(base_diff, float((plain[i] - row[0]).abs().max()))
+    return same_tokens, max_diff, base_diff

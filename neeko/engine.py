@@ -98,6 +98,8 @@ class _Row:
         self.tokens: list[int] = []
         self.sent = ""
         self.text = ""
+        self.stable = ""  # the text of tokens[:read_at], final
+        self.prefix_at = self.read_at = 0
         self.finish: FinishReason | None = None
         self.t0 = t0  # when the request was handed to the batch (before tokenizing)
         self.cached = 0
@@ -370,7 +372,7 @@ class DecodeBatch:
         return keep
 
     def _update_text(self, row: _Row) -> None:
-        text = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        text = self._detokenize(row)
         for stop in row.sampling.stop:
             at = text.find(stop, max(0, len(row.sent) - len(stop)))
             if at >= 0:
@@ -378,6 +380,24 @@ class DecodeBatch:
         row.text = text
         if row.finish is None:
             self._flush(row, final=False)
+
+    def _detokenize(self, row: _Row) -> str:
+        """The reply text so far, decoding only the newest tokens (not the whole reply).
+
+        The text of tokens[read:] is what decoding tokens[prefix:] adds to decoding
+        tokens[prefix:read]: the chunk before gives the tokenizer its context (a leading
+        space, the rest of a multi-byte character). Text that ends in an incomplete
+        character is not final: the same tokens are decoded again with the next one.
+        """
+        decode = self.engine.tokenizer.decode
+        prefix = decode(row.tokens[row.prefix_at : row.read_at], skip_special_tokens=True)
+        full = decode(row.tokens[row.prefix_at :], skip_special_tokens=True)
+        if not full.startswith(prefix):  # a tokenizer that rewrites context: decode it all
+            return decode(row.tokens, skip_special_tokens=True)
+        text = row.stable + full[len(prefix) :]
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            row.stable, row.prefix_at, row.read_at = text, row.read_at, len(row.tokens)
+        return text
 
     def _flush(self, row: _Row, final: bool) -> None:
         """Stream the part of the text that can no longer change."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neeko.engine import DecodeBatch, GenerationRequest, SamplingParams
+from neeko.engine import DecodeBatch, GenerationRequest, SamplingParams, _Row
 from neeko.kvcache import PrefixCache, gate_key
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
@@ -104,3 +104,22 @@ def test_lookups_use_the_longest_common_prefix_and_leave_a_token_to_prefill():
     assert cache.lookup({0: 1.0}, [0, 1, 2, 99]) is None  # shorter than min_tokens
     with pytest.raises(ValueError, match="one key and value per token"):
         cache.store({0: 1.0}, range(5), kv)
+
+
+def test_incremental_detokenization_equals_decoding_everything(engine):
+    """Random tokens, emoji and accents: the text after each token is the full decode's."""
+    tok = engine.tokenizer
+    rng = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, len(tok), (60,), generator=rng).tolist() for _ in range(20)]
+    sequences += [
+        tok.encode(t) for t in ("Ahoy 🏴‍☠️ matey — café, naïve… 海賊!", "  two  spaces\n\n")
+    ]
+    batch = DecodeBatch(engine)
+    for ids in sequences:
+        row = _Row(0, GenerationRequest([{"role": "user", "content": "x"}]), [1], 0.0)
+        for t in ids:
+            row.tokens.append(t)
+            text = batch._detokenize(row)
+            full = tok.decode(row.tokens, skip_special_tokens=True)
+            if not full.endswith("\ufffd"):
+                assert text == full
