@@ -14,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,30 +306,27 @@ def _followup(engine: Engine, rounds: int, new_tokens: int) -> dict[str, Any]:
     gate = {0: 1.0}
     first = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
-    saved = engine.prefix_cache
+    saved, cache = engine.prefix_cache, PrefixCache(2**30)
+
+    def run(messages: list[dict], sampling: SamplingParams, reuse: bool) -> GenerationResult:
+        engine.prefix_cache = cache if reuse else None
+        return engine.generate([GenerationRequest(messages, gate, sampling)])[0]
+
     try:
-        cache = PrefixCache(2**30)
-        engine.prefix_cache = cache
-        reply = engine.generate([GenerationRequest(history, gate, first)])[0]
+        reply = run(history, first, reuse=True)
         follow = [*history, {"role": "assistant", "content": reply.text}]
         follow.append({"role": "user", "content": "Ann: And what did the lights look like?"})
         reused, full, cached = [], [], 0
         for _ in range(rounds + 1):  # the first round warms up
             cache.clear()
-            engine.prefix_cache = cache
-            engine.generate([GenerationRequest(history, gate, first)])
-            hit = engine.generate([GenerationRequest(follow, gate, one)])[0]
-            engine.prefix_cache = None
-            miss = engine.generate([GenerationRequest(follow, gate, one)])[0]
+            run(history, first, reuse=True)  # the previous turn leaves its KV cache
+            hit = run(follow, one, reuse=True)
             reused.append(hit.ttft_s)
-            full.append(miss.ttft_s)
+            full.append(run(follow, one, reuse=False).ttft_s)
             cached = hit.cached_tokens
         cache.clear()
-        engine.prefix_cache = cache
-        engine.generate([GenerationRequest(history, gate, first)])
-        with_cache = engine.generate([GenerationRequest(follow, gate, first)])[0]
-        engine.prefix_cache = None
-        without = engine.generate([GenerationRequest(follow, gate, first)])[0]
+        run(history, first, reuse=True)
+        with_cache, without = run(follow, first, reuse=True), run(follow, first, reuse=False)
     finally:
         engine.prefix_cache = saved
     return {
@@ -360,16 +357,21 @@ def _mixed_vs_alone(
     same_tokens = all(a.token_ids == b.token_ids for a, b in zip(batch, alone, strict=True))
     prompt = engine.render(PROMPT)
     ids = torch.tensor([prompt + r.token_ids for r in batch], device=engine.device)
-    max_diff = base_diff = 0.0
-    with torch.inference_mode():
-        with bank.route(bank.routing(gates, path=engine.path)):
-            mixed = engine.model(input_ids=ids).logits.float()
-        for i, g in enumerate(gates):
-            with bank.route(bank.routing([g], path=engine.path)):
-                row = engine.model(input_ids=ids[i : i + 1]).logits.float()
-            max_diff = max(max_diff, float((mixed[i] - row[0]).abs().max()))
-        plain = base.model(input_ids=ids.to(base.device)).logits.float()
-        for i in range(len(gates)):
-            row = base.model(input_ids=ids[i : i + 1].to(base.device)).logits.float()
-            base_diff = max(base_diff, float((plain[i] - row[0]).abs().max()))
-    return same_tokens, max_diff, base_diff
+
+    def banked(rows: slice) -> Tensor:
+        with bank.route(bank.routing(gates[rows], path=engine.path)):
+            return engine.model(input_ids=ids[rows]).logits
+
+    def plain(rows: slice) -> Tensor:
+        return base.model(input_ids=ids[rows].to(base.device)).logits
+
+    return same_tokens, _batch_vs_alone(banked, len(gates)), _batch_vs_alone(plain, len(gates))
+
+
+@torch.inference_mode()
+def _batch_vs_alone(logits: Callable[[slice], Tensor], rows: int) -> float:
+    """Max |logit difference| of each row in the whole batch vs the row run alone."""
+    together = logits(slice(0, rows)).float()
+    return max(
+        float((together[i] - logits(slice(i, i + 1))[0].float()).abs().max()) for i in range(rows)
+    )

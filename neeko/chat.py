@@ -253,22 +253,8 @@ class ChatService:
                     f"This conversation is longer than {voice.speaker.name} can keep in mind; "
                     "the oldest messages are left out from now on."
                 )
-            others = [v.speaker.name for v in voices if v is not voice]
-            turns.append(
-                Turn(
-                    id=_turn_id(message_id, voice.member),
-                    channel=channel,
-                    character=voice.character,
-                    mix=voice.mix,
-                    messages=tuple(messages),
-                    sampling=Sampling(
-                        max_new_tokens=self.settings.reply_tokens,
-                        temperature=self.settings.temperature,
-                        top_p=self.settings.top_p,
-                        stop=tuple(f"\n{name}:" for name in others),
-                    ),
-                )
-            )
+            turn_id = _turn_id(message_id, voice.member)
+            turns.append(self._turn(turn_id, channel, voice, voices, messages))
         try:
             streams = await self.turns.submit_group(turns, self.settings.turn_timeout_s)
         except QueueError as exc:
@@ -310,6 +296,32 @@ class ChatService:
             await s.commit()
         answers[0].notices = notices
         return _joined(answers)
+
+    def _turn(
+        self,
+        turn_id: str,
+        channel: str,
+        voice: _Voice,
+        voices: list[_Voice],
+        messages: list[Message],
+        seed: int | None = None,
+    ) -> Turn:
+        """`voice`'s turn; its reply stops where another of `voices` would start a line."""
+        others = [v.speaker.name for v in voices if v is not voice]
+        return Turn(
+            id=turn_id,
+            channel=channel,
+            character=voice.character,
+            mix=voice.mix,
+            messages=tuple(messages),
+            sampling=Sampling(
+                max_new_tokens=self.settings.reply_tokens,
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                seed=seed,
+                stop=tuple(f"\n{name}:" for name in others),
+            ),
+        )
 
     async def _generate(
         self, stream: AsyncIterator[Chunk | Reply], speaker: Speaker, on_text: TextCallback | None
@@ -354,22 +366,10 @@ class ChatService:
                 history = await self._history(s, channel, state.session)
             prior = _before_round(history, row.id)
             messages, _, _ = await self._prompt(voice, voices, prior)
-            others = [v.speaker.name for v in voices if v is not voice]
             n = len(row.alternatives or [row.content])
-            turn = Turn(
-                id=f"swipe-{row.id}-{n}-{uuid.uuid4().hex[:8]}",
-                channel=channel,
-                character=voice.character,
-                mix=voice.mix,
-                messages=tuple(messages),
-                sampling=Sampling(
-                    max_new_tokens=self.settings.reply_tokens,
-                    temperature=self.settings.temperature,
-                    top_p=self.settings.top_p,
-                    seed=secrets.randbelow(2**31),
-                    stop=tuple(f"\n{name}:" for name in others),
-                ),
-            )
+            turn_id = f"swipe-{row.id}-{n}-{uuid.uuid4().hex[:8]}"
+            seed = secrets.randbelow(2**31)
+            turn = self._turn(turn_id, channel, voice, voices, messages, seed)
             try:
                 (stream,) = await self.turns.submit_group([turn], self.settings.turn_timeout_s)
                 reply = await self._generate(stream, voice.speaker, on_text)

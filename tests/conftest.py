@@ -99,6 +99,22 @@ async def postgres_url():
 
 
 @pytest.fixture
+def queued_turns(monkeypatch):
+    """Every turn queued on an in-process queue during the test, in order."""
+    from neeko.queue import LocalTurnQueue
+
+    turns = []
+    original = LocalTurnQueue._enqueue
+
+    async def enqueue(self, group):
+        turns.extend(group)
+        await original(self, group)
+
+    monkeypatch.setattr(LocalTurnQueue, "_enqueue", enqueue)
+    return turns
+
+
+@pytest.fixture
 def chat_settings(tmp_path, tiny_store):
     """Chat settings for the tiny model: a writable copy of `tiny_store`, a SQLite file,
     greedy short replies, no cooldown."""

@@ -11,7 +11,6 @@ from neeko import db
 from neeko.characters import LOCAL
 from neeko.chat_types import Author
 from neeko.lore import Lorebook
-from neeko.queue import LocalTurnQueue
 from neeko.wiring import open_services
 
 ANN = Author("u1", "Ann", scope=LOCAL)
@@ -31,33 +30,19 @@ def settings(chat_settings):
     return chat_settings.model_copy(update={"history_tokens": 64, "memory_tokens": 40})
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every turn queued through the in-process queue, in order."""
-    turns = []
-    original = LocalTurnQueue._enqueue
-
-    async def enqueue(self, group):
-        turns.extend(group)
-        await original(self, group)
-
-    monkeypatch.setattr(LocalTurnQueue, "_enqueue", enqueue)
-    return turns
-
-
 async def _talk(service, channel, lines, start=0):
     for i, line in enumerate(lines, start):
         assert (await service.handle_message(channel, ANN, line, f"{channel}-{i}")).ok
 
 
-async def test_lines_out_of_the_window_are_recalled_by_relevance(settings, recorded):
+async def test_lines_out_of_the_window_are_recalled_by_relevance(settings, queued_turns):
     fact = "My cat is called Pickles and she loves sardines."
     async with open_services(settings) as (service, _):
         await service.become("c", ANN, "Ash")
         await _talk(service, "c", [fact, *FILLER])
         await _talk(service, "c", ["What is my cat called, and what does she eat?"], 10)
-        system = recorded[-1].messages[0].content
-        window = [m.content for m in recorded[-1].messages[1:]]
+        system = queued_turns[-1].messages[0].content
+        window = [m.content for m in queued_turns[-1].messages[1:]]
         assert not any(fact in line for line in window)  # out of the window ...
         assert "Earlier in this conversation:" in system
         recalled = system.split("Earlier in this conversation:\n", 1)[1].splitlines()
@@ -74,16 +59,16 @@ async def test_lines_out_of_the_window_are_recalled_by_relevance(settings, recor
         # another channel with the same question recalls nothing of channel c
         await service.become("d", ANN, "Ash")
         await _talk(service, "d", [*FILLER, "What is my cat called, and what does she eat?"])
-        assert "Pickles" not in recorded[-1].messages[0].content
+        assert "Pickles" not in queued_turns[-1].messages[0].content
         await service.reset("c", ANN)  # a new conversation recalls nothing of the old one
         await _talk(service, "c", [*FILLER, "What is my cat called, and what does she eat?"], 20)
-        assert "Pickles" not in recorded[-1].messages[0].content
+        assert "Pickles" not in queued_turns[-1].messages[0].content
 
 
-async def test_no_recall_when_off_or_nothing_is_alike(settings, recorded):
+async def test_no_recall_when_off_or_nothing_is_alike(settings, queued_turns):
     async with open_services(settings.model_copy(update={"memory_tokens": 0})) as (service, _):
         await _talk(service, "c", ["My cat is called Pickles.", *FILLER, "My cat's name?"])
-        assert "Earlier in this conversation" not in recorded[-1].messages[0].content
+        assert "Earlier in this conversation" not in queued_turns[-1].messages[0].content
         shown = await service.memory("c", LOCAL)
         assert shown.text == "Nothing was recalled for the last reply."
 
@@ -158,7 +143,7 @@ def test_lorebooks_from_hostile_cards_are_capped_or_ignored():
     assert weird.entries[0].priority == 10**9
 
 
-async def test_a_cards_lorebook_goes_into_its_own_prompt(settings, recorded):
+async def test_a_cards_lorebook_goes_into_its_own_prompt(settings, queued_turns):
     card = {
         "spec": "chara_card_v2",
         "spec_version": "2.0",
@@ -170,7 +155,7 @@ async def test_a_cards_lorebook_goes_into_its_own_prompt(settings, recorded):
         await service.scene_add("c", ANN, "Marlow")
         await service.scene_add("c", ANN, "Ash")
         await service.handle_message("c", ANN, "Is that the Salt Widow?", "m1")
-        marlow, ash = recorded[-2], recorded[-1]
+        marlow, ash = queued_turns[-2], queued_turns[-1]
         assert "The Salt Widow is a black-sailed frigate." in marlow.messages[0].content
         assert "Storm season has begun." in marlow.messages[0].content
         assert "Salt Widow is a" not in ash.messages[0].content  # Ash's card has no book
@@ -178,4 +163,4 @@ async def test_a_cards_lorebook_goes_into_its_own_prompt(settings, recorded):
         assert "Marlow's lorebook: season, ship" in shown.text
         await service.handle_message("c", ANN, "Nice weather.", "m2")
         await service.handle_message("c", ANN, "Indeed.", "m3")
-        assert "black-sailed" not in recorded[-2].messages[0].content  # out of scan depth
+        assert "black-sailed" not in queued_turns[-2].messages[0].content  # out of scan depth

@@ -30,22 +30,6 @@ def settings(chat_settings):
     return chat_settings
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every turn queued through `open_services`' in-process queue, in order."""
-    from neeko.queue import LocalTurnQueue
-
-    turns = []
-    original = LocalTurnQueue._enqueue
-
-    async def enqueue(self, group):
-        turns.extend(group)
-        await original(self, group)
-
-    monkeypatch.setattr(LocalTurnQueue, "_enqueue", enqueue)
-    return turns
-
-
 async def _rows(service, channel="c"):
     async with service.sessions() as s:
         rows = await s.scalars(
@@ -54,7 +38,7 @@ async def _rows(service, channel="c"):
         return list(rows)
 
 
-async def test_all_mode_answers_from_one_batch_each_as_if_alone(settings, recorded, caplog):
+async def test_all_mode_answers_from_one_batch_each_as_if_alone(settings, queued_turns, caplog):
     caplog.set_level(logging.DEBUG, logger="neeko.worker")
     async with open_services(settings) as (service, _):
         for name in ("Ash", "Birch", "Cedar"):
@@ -67,9 +51,9 @@ async def test_all_mode_answers_from_one_batch_each_as_if_alone(settings, record
     batches = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
     assert len(batches) == 1
     assert "prefilled 3 turn(s) together" in batches[0]
-    assert all(t.id in batches[0] for t in recorded)
+    assert all(t.id in batches[0] for t in queued_turns)
     rt = open_runtime(settings.store, "tiny")
-    for turn, one in zip(recorded, answers, strict=True):
+    for turn, one in zip(queued_turns, answers, strict=True):
         alone = GenerationRequest(
             [m.model_dump() for m in turn.messages], rt.gate(turn.character), turn.sampling.params()
         )
@@ -79,7 +63,7 @@ async def test_all_mode_answers_from_one_batch_each_as_if_alone(settings, record
     # each character sees the others' lines as named lines and its own as its turns
     async with open_services(settings) as (service, _):
         await service.handle_message("c", ANN, "And now?", "m2")
-    birch = next(t for t in recorded[3:] if t.character == "birch")
+    birch = next(t for t in queued_turns[3:] if t.character == "birch")
     assert [m.role for m in birch.messages] == ["system", "user", "assistant", "user"]
     assert "\nAlso here: Ash, Cedar." in birch.messages[0].content
     assert birch.messages[1].content == f"Ann: Who are you all?\nAsh: {answers[0].text}"
@@ -116,7 +100,7 @@ async def test_all_mode_over_redis_is_one_batch_too(settings, caplog):
     assert "prefilled 3 turn(s) together" in batches[0]
 
 
-async def test_addressed_mode_follows_names_replies_and_the_last_speaker(settings, recorded):
+async def test_addressed_mode_follows_names_replies_and_the_last_speaker(settings, queued_turns):
     async with open_services(settings) as (service, _):
         for name in ("Ash", "Birch", "Cedar"):
             await service.scene_add("c", ANN, name)
@@ -148,7 +132,7 @@ def test_names_match_whole_words_only():
     assert addressed([ash, ember], "as I said") == [ash]
 
 
-async def test_auto_mode_picks_by_profile_and_limits_streaks(settings, recorded):
+async def test_auto_mode_picks_by_profile_and_limits_streaks(settings, queued_turns):
     settings = settings.model_copy(update={"scene_max_streak": 2})
     async with open_services(settings) as (service, moderation):
         sea = "A pirate captain who sails stormy seas on her ship, hunting treasure."
@@ -215,7 +199,7 @@ async def test_scene_changes_are_checked(settings):
         assert "%" in persona.text  # its fusion mix
 
 
-async def test_scenes_respect_scopes(settings, recorded):
+async def test_scenes_respect_scopes(settings, queued_turns):
     """A server's character speaks only in its server; elsewhere its name is free text."""
     async with open_services(settings) as (service, moderation):
         assert (await moderation.submit(GUILD_A, name="Nova", profile="A sky pirate.")).ok
@@ -224,8 +208,8 @@ async def test_scenes_respect_scopes(settings, recorded):
         assert other.ok
         assert "%" in other.text  # B fused a persona called Nova: not A's character
         await service.handle_message("b-chan", GUILD_B, "Hello", "m1")
-        assert recorded[-1].character is None
-        assert recorded[-1].mix
+        assert queued_turns[-1].character is None
+        assert queued_turns[-1].mix
         # a channel of server A seen from server B: A's character is not shown there
         names_b = await service.scene_names("a-chan", GUILD_B.scope)
         assert names_b == []
@@ -233,4 +217,4 @@ async def test_scenes_respect_scopes(settings, recorded):
         assert answer.speaker.name == "Nova"
         nova = service.catalog.find("Nova", GUILD_A.scope)
         assert nova.scope == GUILD_A.scope
-        assert recorded[-1].mix == dict(nova.mix)  # A's fused Nova, by its own mix
+        assert queued_turns[-1].mix == dict(nova.mix)  # A's fused Nova, by its own mix

@@ -10,7 +10,6 @@ from neeko import db
 from neeko.characters import LOCAL
 from neeko.chat import MAX_ALTERNATIVES
 from neeko.chat_types import Author
-from neeko.queue import LocalTurnQueue
 from neeko.terminal import Terminal
 from neeko.wiring import open_services
 
@@ -23,33 +22,19 @@ def settings(chat_settings):
     return chat_settings.model_copy(update={"temperature": 1.0})
 
 
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every turn queued through the in-process queue, in order."""
-    turns = []
-    original = LocalTurnQueue._enqueue
-
-    async def enqueue(self, group):
-        turns.extend(group)
-        await original(self, group)
-
-    monkeypatch.setattr(LocalTurnQueue, "_enqueue", enqueue)
-    return turns
-
-
 async def _row(service, ref):
     async with service.sessions() as s:
         return await s.get(db.MessageRow, ref)
 
 
-async def test_a_rerolled_reply_is_kept_as_shown_in_history(settings, recorded):
+async def test_a_rerolled_reply_is_kept_as_shown_in_history(settings, queued_turns):
     async with open_services(settings) as (service, _):
         await service.become("c", ANN, "Ash")
         first = await service.handle_message("c", ANN, "Tell me a story.", "m1")
         again = await service.regenerate("c", ANN, first.ref)
         assert again.ok
         assert (again.ref, again.alternative) == (first.ref, (2, 2))
-        original, retry = recorded[-2], recorded[-1]
+        original, retry = queued_turns[-2], queued_turns[-1]
         assert retry.messages == original.messages  # the same prompt, a new sample
         assert retry.sampling.seed is not None
         row = await _row(service, first.ref)
@@ -63,7 +48,7 @@ async def test_a_rerolled_reply_is_kept_as_shown_in_history(settings, recorded):
         assert forward.text == again.text
         await service.swipe("c", ANN, first.ref, -1)  # the first version is shown ...
         await service.handle_message("c", ANN, "Go on.", "m2")
-    prompt = [m.content for m in recorded[-1].messages[1:]]
+    prompt = [m.content for m in queued_turns[-1].messages[1:]]
     assert prompt == ["Ann: Tell me a story.", first.text, "Ann: Go on."]  # ... so it is kept
 
 
@@ -87,17 +72,17 @@ async def test_only_participants_and_only_the_latest_replies(settings):
         assert not (await service.regenerate("c", ANN, new.ref)).ok  # an earlier conversation
 
 
-async def test_each_scene_reply_is_rerolled_from_its_own_prompt(settings, recorded):
+async def test_each_scene_reply_is_rerolled_from_its_own_prompt(settings, queued_turns):
     async with open_services(settings) as (service, _):
         for name in ("Ash", "Birch", "Cedar"):
             await service.scene_add("c", ANN, name)
         answer = await service.handle_message("c", ANN, "Hello all.", "m1")
-        originals = list(recorded)
+        originals = list(queued_turns)
         for one, turn in zip(answer.all(), originals, strict=True):
             again = await service.regenerate("c", ANN, one.ref)
             assert again.speaker == one.speaker
-            assert recorded[-1].messages == turn.messages  # not the side-by-side replies
-            assert recorded[-1].character == turn.character
+            assert queued_turns[-1].messages == turn.messages  # not the side-by-side replies
+            assert queued_turns[-1].character == turn.character
 
 
 async def test_a_reply_keeps_at_most_so_many_versions(settings):
