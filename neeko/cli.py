@@ -243,9 +243,10 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     )
     p.add_argument(
         "--schedule",
-        choices=("joint", "staged"),
+        choices=("joint", "staged", "own-first"),
         default=defaults["schedule"],
-        help="train shared and own blocks together, or the shared block first",
+        help="train shared and own blocks together, the shared block first (staged), "
+        "or the own blocks first",
     )
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")

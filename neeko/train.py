@@ -66,7 +66,8 @@ class TrainConfig:
     the Shakespeare corpus (README, "Measured on a real corpus")."""
     schedule: Schedule = "joint"
     """`joint`: shared and own blocks train together; `staged`: the shared block first
-    (all data, its own epochs), then the own blocks on top of it, frozen."""
+    (all data, its own epochs), then the own blocks on top of it, frozen; `own-first`: the
+    own blocks alone first, then the shared block on top of them, frozen."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
@@ -75,8 +76,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.shared_rank < 0:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
-        if self.schedule not in ("joint", "staged"):
-            raise ValueError(f"schedule must be joint or staged, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass
@@ -94,7 +95,8 @@ class TrainReport:
         return sum(tail) / len(tail) if tail else math.nan
 
 
-Schedule = Literal["joint", "staged"]
+Schedule = Literal["joint", "staged", "own-first"]
+SCHEDULES = ("joint", "staged", "own-first")
 SHARED_GROUP = -1
 """The parameter group (and loss group) of the shared block."""
 
@@ -118,24 +120,30 @@ def train_blocks(
     shared: Sequence[int] = (),
     train_own: bool = True,
     train_shared: bool = False,
+    own_in_gate: bool | None = None,
 ) -> TrainReport:
     """Train the blocks named by `examples` (each example's `block`), each row on its own.
 
-    Every row's gate is the `shared` blocks at weight 1 plus, with `train_own`, its own
-    block. What trains: the examples' own blocks (`train_own`) and the shared blocks
-    (`train_shared`); everything else is frozen. On return the trained blocks are written
-    back into the bank. With `checkpoint_dir`, progress is saved every `checkpoint_every`
-    steps and a later call with the same arguments resumes from the last checkpoint.
+    Every row's gate is the `shared` blocks at weight 1 plus, with `own_in_gate` (default:
+    `train_own`), its own block. What trains: the examples' own blocks (`train_own`) and
+    the shared blocks (`train_shared`); everything else is frozen. On return the trained
+    blocks are written back into the bank. With `checkpoint_dir`, progress is saved every
+    `checkpoint_every` steps and a later call with the same arguments resumes from the last
+    checkpoint.
     `on_step(step, total, loss)` is called after every step.
     """
     cfg = config or TrainConfig()
     if not train_own and not (train_shared and shared):
         raise TrainingError("nothing to train: no own blocks and no shared block")
+    use_own = train_own if own_in_gate is None else own_in_gate
+    if train_own and not use_own:
+        raise TrainingError("own blocks cannot train outside their rows' gates")
     order = _schedule(examples, cfg)
     total = min(len(order), cfg.max_steps or len(order))
     groups: dict[int, list[nn.Parameter]] = {}
+    owned = sorted({_block_of(e, bank) for e in examples}) if use_own else []
     if train_own:
-        groups = {k: bank.train_blocks([k]) for k in sorted({_block_of(e, bank) for e in examples})}
+        groups = {k: bank.train_blocks([k]) for k in owned}
     if train_shared and shared:
         groups[SHARED_GROUP] = bank.train_blocks(list(shared))
     params = [p for group in groups.values() for p in group]
@@ -147,7 +155,7 @@ def train_blocks(
     try:
         for step in range(start, total):
             loss = train_step(
-                loaded, bank, order[step], groups, optimizer, cfg.grad_clip, shared, train_own
+                loaded, bank, order[step], groups, optimizer, cfg.grad_clip, shared, use_own
             )
             report.losses.append(loss)
             report.steps = step + 1
@@ -387,6 +395,10 @@ def pretune(
     if new_shared and cfg.schedule == "staged":
         first = run(ckpt and ckpt / "shared", train_own=False, train_shared=True)
         then = run(ckpt and ckpt / "own")
+        report = TrainReport(first.steps + then.steps, first.losses + then.losses)
+    elif new_shared and cfg.schedule == "own-first":
+        first = run(ckpt and ckpt / "own", shared=())
+        then = run(ckpt and ckpt / "shared", train_own=False, train_shared=True, own_in_gate=True)
         report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     else:
         report = run(ckpt, train_shared=new_shared)

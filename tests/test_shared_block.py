@@ -17,7 +17,14 @@ from neeko.errors import BlockFormatError
 from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 from neeko.runtime import empty_runtime, open_runtime
-from neeko.train import TrainConfig, TrainingError, expand, pretune
+from neeko.train import (
+    TrainConfig,
+    TrainingError,
+    character_examples,
+    expand,
+    pretune,
+    train_blocks,
+)
 
 IDS = torch.tensor([[5, 87, 1200, 33, 4021, 9, 77, 310, 2, 1000]])
 STEPS = TrainConfig(epochs=1, max_steps=2, lr=5e-2, batch_size=2, shared_rank=8)
@@ -90,12 +97,12 @@ def test_save_blocks_is_one_lora_and_splits_back_exactly(tmp_path, tiny):
     assert len(bank.read_blocks(bank.save_block(blocks[2], tmp_path / "one.safetensors"))) == 1
 
 
-@pytest.mark.parametrize("schedule", ["joint", "staged"])
+@pytest.mark.parametrize("schedule", ["joint", "staged", "own-first"])
 def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
     rt = empty_runtime(Catalog(tmp_path / "store"), "tiny")
     cfg = TrainConfig(**{**STEPS.__dict__, "schedule": schedule})
     report = pretune(rt, MEMBERS, cfg, progress=False)
-    assert report.steps == (4 if schedule == "staged" else 2)
+    assert report.steps == (2 if schedule == "joint" else 4)
     assert rt.catalog.shared_rank == 8
     assert len(rt.shared) == 2
     ash = rt.catalog.find("Ash").key
@@ -111,6 +118,28 @@ def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
     assert torch.equal(_logits(again, {}), _logits(rt, {}))  # the base model stays reachable
     birch = again.catalog.find("Birch").key
     assert not torch.equal(_logits(again, again.gate(ash)), _logits(again, again.gate(birch)))
+
+
+def test_a_stage_trains_only_its_blocks_under_the_full_gate(tiny):
+    """Own-first's second stage: the shared block learns on top of frozen own blocks."""
+    bank = LoRABank(tiny.model)
+    gen = torch.Generator().manual_seed(3)
+    shared = bank.add_blocks(2, init="lora", generator=gen)
+    own = bank.add_blocks(2, init="random", generator=gen, b_scale=0.5)
+    examples = [
+        *character_examples(tiny, MEMBERS[0][0], MEMBERS[0][1], own[0]),
+        *character_examples(tiny, MEMBERS[1][0], MEMBERS[1][1], own[1]),
+    ]
+    before = {k: bank.get_block(k) for k in own}
+    cfg = TrainConfig(epochs=1, max_steps=2, lr=5e-2, batch_size=2)
+    kwargs = {"progress": False, "shared": shared, "train_own": False, "train_shared": True}
+    train_blocks(tiny, bank, examples, cfg, own_in_gate=True, **kwargs)
+    for k, part in before.items():
+        now = bank.get_block(k)
+        assert all(torch.equal(now[n][i], part[n][i]) for n in part for i in (0, 1))
+    assert any(b.abs().sum() > 0 for _, b in bank.get_block(shared[0]).values())
+    with pytest.raises(TrainingError, match="outside"):
+        train_blocks(tiny, bank, examples, cfg, progress=False, own_in_gate=False)
 
 
 def test_expansion_with_a_shared_block_leaves_everyone_else_bit_identical(tmp_path):
