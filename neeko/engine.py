@@ -10,6 +10,7 @@ worker can do continuous batching.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,13 +21,23 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from neeko.compiled import (
+    LoRAInputs,
+    StaticDecoder,
+    UnsupportedModel,
+    WeightDtype,
+    bucket,
+    length_bucket,
+)
 from neeko.errors import GenerationError
 from neeko.kvcache import Hit, PrefixCache
 from neeko.lora import Gate, LoRABank, LoRAPath, Routing
 from neeko.model import LoadedModel
 
 FinishReason = Literal["eos", "stop", "length"]
+DecodeMode = Literal["eager", "compiled"]
 ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,11 +138,18 @@ class Engine:
     """Runs generation requests on a base model with an optional block bank."""
 
     def __init__(
-        self, loaded: LoadedModel, bank: LoRABank | None = None, path: LoRAPath | None = None
+        self,
+        loaded: LoadedModel,
+        bank: LoRABank | None = None,
+        path: LoRAPath | None = None,
+        decode: DecodeMode = "eager",
+        weights: WeightDtype = "fp32",
     ) -> None:
         """Serve `loaded` (model + tokenizer) with `bank`, the block bank wrapped into it.
 
         `path` overrides the bank's way of computing the gated sum (see BankConfig.path).
+        `decode="compiled"` decodes with `neeko.compiled.StaticDecoder` (its weights stored
+        as `weights`); a model it cannot reproduce falls back to eager, with a warning.
         """
         self.loaded = loaded
         self.path = path
@@ -148,6 +166,21 @@ class Engine:
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.prefix_cache: PrefixCache | None = None
         """Set to reuse conversations' KV caches across turns (`neeko.kvcache`)."""
+        self.decoder: StaticDecoder | None = None
+        """The compiled decode step, when `decode="compiled"`."""
+        if decode not in ("eager", "compiled"):
+            raise GenerationError(f"decode must be eager or compiled, got {decode!r}")
+        if decode == "compiled":
+            try:
+                self.decoder = StaticDecoder(loaded, bank, weights)
+            except UnsupportedModel as exc:
+                log.warning("%s; decoding eagerly", exc)
+        elif weights != "fp32":
+            raise GenerationError("lower-precision weights need decode='compiled'")
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty batch for this engine's decode path."""
+        return StaticDecodeBatch(self) if self.decoder is not None else DecodeBatch(self)
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of `messages` in the model's chat template, ready for the reply."""
@@ -171,7 +204,7 @@ class Engine:
         """Run all requests as one batch; results come back in request order."""
         if not requests:
             return []
-        batch = DecodeBatch(self)
+        batch = self.new_batch()
         batch.add(requests)
         while batch.step():
             pass
@@ -469,6 +502,149 @@ class DecodeBatch:
         self.pending = torch.cat([self.pending, pending])
         self.rows = self.rows + rows
         self.routing = self.engine.merge_routing(self.routing, routing, self.rows)
+
+
+class StaticDecodeBatch(DecodeBatch):
+    """A DecodeBatch whose decode steps run the engine's compiled static-shape step.
+
+    Prefill is the eager one; each prefilled row's keys and values are then copied into a
+    slot of a preallocated cache (layers, slots, kv_heads, columns, head_dim), its position
+    p at column p. A step runs `bucket(rows)` slots over `length_bucket(longest)` columns;
+    finished rows are compacted away, so running rows always hold the first slots.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        assert engine.decoder is not None
+        self.decoder: StaticDecoder = engine.decoder
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self._lora: LoRAInputs | None = None
+        self._lora_rows = 0
+
+    def _reserve(self, rows: int, columns: int) -> tuple[Tensor, Tensor]:
+        """The cache, grown (slots to a batch bucket, columns to a length bucket) to fit."""
+        dec = self.decoder
+        have_rows, have_cols = (0, 0) if self.keys is None else self.keys.shape[1:4:2]
+        if self.keys is not None and rows <= have_rows and columns <= have_cols:
+            assert self.values is not None
+            return self.keys, self.values
+        limit = self.engine.max_positions
+        shape = (
+            dec.n_layers,
+            max(bucket(rows), have_rows),
+            dec.n_kv,
+            max(length_bucket(columns, limit), have_cols),
+            dec.head_dim,
+        )
+        keys = torch.zeros(shape, dtype=dec.dtype, device=dec.device)
+        values = torch.zeros_like(keys)
+        if self.keys is not None and self.values is not None:
+            keys[:, :have_rows, :, :have_cols] = self.keys
+            values[:, :have_rows, :, :have_cols] = self.values
+        if dec.device.type == "cuda":  # CUDA graphs read the cache in place, never copy it
+            torch._dynamo.mark_static_address(keys)
+            torch._dynamo.mark_static_address(values)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def _merge(
+        self,
+        rows: list[_Row],
+        cache: DynamicCache,
+        mask: Tensor,
+        positions: Tensor,
+        pending: Tensor,
+        routing: Any,
+    ) -> None:
+        first = len(self.rows)
+        keys, values = self._reserve(first + len(rows), int(positions.max()) + 1)
+        new_k = torch.stack([layer.keys for layer in cache.layers])  # (L, n, kv, width, d)
+        new_v = torch.stack([layer.values for layer in cache.layers])
+        width = mask.shape[1]
+        for j, n in enumerate(positions.tolist()):  # a row's real columns end the prefill
+            keys[:, first + j, :, :n] = new_k[:, j, :, width - n :]
+            values[:, first + j, :, :n] = new_v[:, j, :, width - n :]
+        if self.rows:
+            assert self.positions is not None
+            assert self.pending is not None
+            positions = torch.cat([self.positions, positions])
+            pending = torch.cat([self.pending, pending])
+            routing = self.engine.merge_routing(self.routing, routing, self.rows + rows)
+        self.rows = self.rows + rows
+        self.positions, self.pending, self.routing = positions, pending, routing
+        self._lora = None
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Decode one token for every row with the compiled step."""
+        if not self.rows:
+            return False
+        assert self.positions is not None
+        assert self.pending is not None
+        n = len(self.rows)
+        slots = bucket(n)
+        columns = int(self.positions.max()) + 1  # a column for the position being decoded
+        keys, values = self._reserve(slots, columns)
+        used = length_bucket(columns, keys.shape[3])
+        if self._lora is None or self._lora_rows != slots:
+            self._lora = self.decoder.lora_inputs(self.routing, slots)
+            self._lora_rows = slots
+        tokens = _pad(self.pending, slots, self.engine.pad_id)
+        positions = _pad(self.positions, slots, 0)
+        logits, new_k, new_v = self.decoder.step(
+            tokens, positions, keys[:, :slots, :, :used], values[:, :slots, :, :used], self._lora
+        )
+        at = torch.arange(n, device=keys.device)
+        keys[:, at, :, self.positions] = new_k[:, :n].transpose(0, 1)
+        values[:, at, :, self.positions] = new_v[:, :n].transpose(0, 1)
+        self.positions = self.positions + 1
+        self.pending = self._sample(logits[:n], self.rows)
+        keep = self._record(self.rows, self.pending.tolist())
+        if len(keep) < n:
+            self._remember([i for i in range(n) if i not in set(keep)])
+            self._keep(keep)
+        return bool(self.rows)
+
+    def _remember(self, done: list[int]) -> None:
+        cache = self.engine.prefix_cache
+        if cache is None or self.keys is None or self.values is None or self.positions is None:
+            return
+        for i in done:
+            row, n = self.rows[i], int(self.positions[i])
+            fed = (row.prompt + row.tokens)[:n]
+            layers = [
+                (
+                    self.keys[layer, i : i + 1, :, :n].clone(),
+                    self.values[layer, i : i + 1, :, :n].clone(),
+                )
+                for layer in range(self.decoder.n_layers)
+            ]
+            cache.store(row.request.gate, fed, layers)
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        self._lora = None
+        if not keep:
+            self.positions = self.pending = self.routing = None
+            return
+        assert self.keys is not None
+        assert self.values is not None
+        assert self.positions is not None
+        assert self.pending is not None
+        idx = torch.tensor(keep, device=self.engine.device)
+        n = len(keep)
+        self.keys[:, :n] = self.keys.index_select(1, idx)
+        self.values[:, :n] = self.values.index_select(1, idx)
+        self.positions, self.pending = self.positions[idx], self.pending[idx]
+        self.routing = self.engine.select_routing(self.routing, idx, self.rows)
+
+
+def _pad(t: Tensor, rows: int, value: int) -> Tensor:
+    """`t` (n,) padded with `value` to `rows`."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0],), value)])
 
 
 def _select(eng: Engine, routing: Any, members: list[int], rows: list[_Row]) -> Any:
