@@ -34,6 +34,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=512,
         help="memory for finished turns' KV caches, reused by the next turn (0: off)",
     )
+    worker.add_argument(
+        "--decode",
+        choices=("eager", "compiled"),
+        default="eager",
+        help="decode step: eager, or compiled (torch.compile; CUDA graphs on a GPU)",
+    )
+    worker.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8", "int4"),
+        default="fp32",
+        help="weight storage of the compiled step (weight-only; int4 on CPU only)",
+    )
     worker.add_argument("--max-attempts", type=int, default=3)
     worker.add_argument("--claim-idle-ms", type=int, default=30_000)
     worker.add_argument("--job-idle-ms", type=int, default=60_000)
@@ -85,7 +97,10 @@ async def _serve(transport: Transport, args: argparse.Namespace) -> int:
     if args.train and not named:
         raise NeekoError("a trainer writes blocks: pass --store DIR (or set NEEKO_STORE)")
     store = writable_store(named, args.model) if named else CAST_STORE
-    runtime = await asyncio.to_thread(open_runtime, store, args.model, args.device)
+    decode, weights = ("eager", "fp32") if args.train else (args.decode, args.weights)
+    runtime = await asyncio.to_thread(
+        open_runtime, store, args.model, args.device, None, decode, weights
+    )
     follower = CatalogFollower(runtime.catalog, transport.events)
     if args.train:
         await follower.poll()  # learn the characters submitted elsewhere (their keys)

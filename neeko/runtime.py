@@ -16,7 +16,8 @@ from pathlib import Path
 from neeko import model as model_lib
 from neeko.catalog import Catalog
 from neeko.characters import CAST_DIR, SHARED, CatalogError, Mix, read_cast
-from neeko.engine import Engine
+from neeko.compiled import WeightDtype
+from neeko.engine import DecodeMode, Engine
 from neeko.gating import GateConfig
 from neeko.lora import BankConfig, Gate, LoRABank
 from neeko.model import LoadedModel
@@ -103,10 +104,13 @@ def open_runtime(
     model: str = "default",
     device: str | None = None,
     catalog: Catalog | None = None,
+    decode: DecodeMode = "eager",
+    weights: WeightDtype = "fp32",
 ) -> Runtime:
     """Load `model`, wrap it in a bank and load every trained block of `store`.
 
     Pass the process's `catalog` of `store` to share it (one catalog per process and store).
+    `decode` and `weights` choose the engine's decode path (see `neeko.engine.Engine`).
     """
     catalog = catalog or Catalog.open(store)
     if catalog.model and catalog.model != model:
@@ -115,7 +119,7 @@ def open_runtime(
         )
     loaded = model_lib.load(model, device=device)
     bank = LoRABank(loaded.model, BankConfig())
-    rt = Runtime(catalog, loaded, bank, Engine(loaded, bank))
+    rt = Runtime(catalog, loaded, bank, Engine(loaded, bank, decode=decode, weights=weights))
     rt.load_shared()
     for char in catalog.trained():
         rt.load_block(char.key)

@@ -5,7 +5,7 @@ Every variable is listed, with a comment, in `.env.example`.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -31,6 +31,11 @@ class ChatSettings(_Section):
     """Character store folder; empty means the packaged starter cast."""
     model: str = "default"
     device: str | None = None
+    decode: Literal["eager", "compiled"] = "eager"
+    """The embedded worker's decode step: eager, or compiled (`neeko.compiled`; the first
+    steps of each batch size compile for a while, later ones are faster)."""
+    weights: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
+    """Weight storage of the compiled decode step (weight-only; the blocks stay fp32)."""
     history_tokens: int = Field(1536, ge=64)
     """Token budget of the history in a prompt (older turns are left out)."""
     reply_tokens: int = Field(200, ge=1, le=4096)

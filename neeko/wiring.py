@@ -106,7 +106,7 @@ class _Embedded:
     async def start(self) -> Runtime:
         from neeko.worker import Worker
 
-        rt = await self._runtime()
+        rt = await self._runtime(serving=True)
         await self._run(Worker(self.transport.turns, self.follower, rt, name="embedded-worker"))
         while not await self.transport.turns.workers_alive():
             await asyncio.sleep(0.01)
@@ -121,11 +121,15 @@ class _Embedded:
         t = self.transport
         await self._run(Trainer(t.jobs, t.events, rt, name="embedded-trainer"))
 
-    async def _runtime(self) -> Runtime:
-        """The model with the store's blocks, over the process's one catalog."""
+    async def _runtime(self, serving: bool = False) -> Runtime:
+        """The model with the store's blocks, over the process's one catalog.
+
+        A worker's (`serving`) decodes as the settings say; a trainer's eagerly.
+        """
         s = self.settings
+        decode, weights = (s.decode, s.weights) if serving else ("eager", "fp32")
         return await asyncio.to_thread(
-            open_runtime, self.store, s.model, s.device, self.follower.catalog
+            open_runtime, self.store, s.model, s.device, self.follower.catalog, decode, weights
         )
 
     async def _run(self, server: object) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from neeko.cards import CharacterCard
 from neeko.dialogues import parse_dialogue
-from neeko.engine import DecodeBatch, GenerationRequest
+from neeko.engine import GenerationRequest
 from neeko.events import EventBus
 from neeko.follower import CatalogFollower
 from neeko.jobs import JobDelivery, JobQueue
@@ -98,7 +98,7 @@ class Worker:
         self.name = name or worker_name()
         mb = self.config.kv_cache_mb
         runtime.engine.prefix_cache = PrefixCache(mb * 2**20) if mb else None
-        self.batch = DecodeBatch(runtime.engine)
+        self.batch = runtime.engine.new_batch()
         self.flights: dict[int, _Flight] = {}
         self._stopping = asyncio.Event()
         self._blocks: list[str] = []  # keys whose blocks were trained, not loaded yet
@@ -236,7 +236,7 @@ class Worker:
         except Exception as exc:  # the whole batch is lost; every turn is retried
             log.exception("decode step failed; retrying %d turn(s)", len(self.flights))
             flights, self.flights = self.flights, {}
-            self.batch = DecodeBatch(self.runtime.engine)
+            self.batch = self.runtime.engine.new_batch()
             for f in flights.values():
                 await self._failed(f.delivery, exc)
             return

@@ -230,3 +230,23 @@ def test_buckets():
         2048,
     ]
     assert model_lib.context_tokens("tiny") == 2048
+
+
+def test_a_store_opens_with_the_compiled_step(tiny_store):
+    """`open_runtime(decode="compiled")`: the store's characters, compiled, as eager."""
+    from neeko.runtime import open_runtime
+
+    eager = open_runtime(tiny_store, "tiny")
+    compiled = open_runtime(tiny_store, "tiny", decode="compiled", weights="fp32")
+    assert eager.engine.decoder is None
+    assert compiled.engine.decoder is not None
+    compiled.engine.decoder = StaticDecoder(compiled.loaded, compiled.bank, compile=False)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    requests = [
+        GenerationRequest([{"role": "user", "content": "hello"}], rt.gate(key), greedy)
+        for rt in (eager,)
+        for key in [c.key for c in rt.catalog.trained()]
+    ]
+    want = eager.engine.generate(requests)
+    got = compiled.engine.generate(requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
