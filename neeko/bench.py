@@ -24,6 +24,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from neeko import model as model_lib
+from neeko.compiled import length_bucket
 from neeko.engine import (
     DecodeBatch,
     Engine,
@@ -137,6 +138,10 @@ def run_engine_bench(
     dense = Engine(ours.loaded, bank, path="dense")
     ours10, _ = _banked(spec, 10, seed=1, device=device)
     ours1000, bank1000 = _banked(spec, 1000, seed=2, device=device)
+    lowp = "int4" if base.device.type == "cpu" else "int8"
+    _log(f"compiled decode steps (fp32 and {lowp} weights) on the bank of 16")
+    compiled = Engine(ours.loaded, bank, decode="compiled")
+    compiled_lowp = Engine(ours.loaded, bank, decode="compiled", weights=lowp)
     with tempfile.TemporaryDirectory(prefix="neeko-bench-") as tmp:
         peft, load_set_ms = _peft_engine(spec, bank, Path(tmp), device)
 
@@ -156,8 +161,17 @@ def run_engine_bench(
         "peft_k8_b16": (peft, [None] * BATCH, names[8]),
         "10_chars_b16": (ours10, k[8], []),
         "1000_chars_b16": (ours1000, spread, []),
+        "compiled_b1": (compiled, k[1][:1], []),
+        "compiled_k8_b16": (compiled, k[8], []),
+        "lowp_b1": (compiled_lowp, k[1][:1], []),
+        "lowp_k8_b16": (compiled_lowp, k[8], []),
     }
     med = _lockstep(configs, new_tokens, rounds)
+    _log("memory read bandwidth, compiled vs eager tokens, and the low-precision NLL change")
+    read_gb_s = _read_bandwidth(base.device)
+    weight_gb = _weight_bytes(base.loaded.model) / 1e9
+    tokens_identical = _compiled_vs_eager(compiled, ours, new_tokens)
+    nll = _lowp_nll(compiled, compiled_lowp, bank, spec) if spec == "default" else {}
     _log("switch cost and mixed-batch equivalence")
     switch_ms, prepare_ms = _switch_ms(ours1000, bank1000)
     same_tokens, max_diff, base_diff = _mixed_vs_alone(ours, bank, new_tokens, base)
@@ -183,7 +197,19 @@ def run_engine_bench(
         "mixed_tokens_identical": same_tokens,
         "mixed_max_logit_diff": max_diff,
         "base_batch_max_logit_diff": base_diff,
+        "decode_b1_vs_floor": round(med["compiled_b1"].tok_s / (read_gb_s / weight_gb), 4),
+        "eager_b1_vs_floor": round(med["gated_b1"].tok_s / (read_gb_s / weight_gb), 4),
+        "compiled_vs_eager_b1": round(med["compiled_b1"].tok_s / med["gated_b1"].tok_s, 4),
+        "compiled_vs_eager_k8_b16": round(med["compiled_k8_b16"].tok_s / med["k8_b16"].tok_s, 4),
+        "compiled_tokens_identical": all(tokens_identical.values()),
+        "compiled_tokens_identical_by_k": tokens_identical,
+        "lowp": lowp,
+        "lowp_vs_fp32_b1": round(med["lowp_b1"].tok_s / med["compiled_b1"].tok_s, 4),
+        "lowp_vs_fp32_k8_b16": round(med["lowp_k8_b16"].tok_s / med["compiled_k8_b16"].tok_s, 4),
+        "read_gb_s": round(read_gb_s, 2),
+        "weight_gb": round(weight_gb, 4),
     }
+    out |= nll
     out |= followup
     out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
     out |= {f"ttft_ms_{name}": round(t.ttft_s * 1e3, 3) for name, t in med.items()}
@@ -203,6 +229,107 @@ def run_engine_bench(
     return out
 
 
+def _read_bandwidth(device: torch.device, gigabytes: float = 1.0, samples: int = 7) -> float:
+    """Memory read bandwidth (GB/s): the median time to sum a buffer far larger than caches."""
+    buffer = torch.ones(int(gigabytes * 1e9) // 4, device=device)
+    times = []
+    for _ in range(samples + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        buffer.sum()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step streams: every parameter once (a tied head counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _compiled_vs_eager(compiled: Engine, eager: Engine, new_tokens: int) -> dict[str, bool]:
+    """Greedy tokens of the compiled step vs the eager path, 16 rows over K characters."""
+    out = {}
+    for k in (1, 3, 8, 16):
+        requests = _requests([{i % k: 1.0} for i in range(BATCH)], new_tokens)
+        want = [r.token_ids for r in eager.generate(requests)]
+        out[str(k)] = [r.token_ids for r in compiled.generate(requests)] == want
+    return out
+
+
+@torch.inference_mode()
+def _lowp_nll(
+    fp32: Engine, lowp: Engine, bank: LoRABank, spec: str, per_member: int = 2
+) -> dict[str, Any]:
+    """Held-out NLL of the starter cast under its own blocks, fp32 vs low-precision weights.
+
+    Teacher-forced through the compiled decode step itself, one token at a time, on each
+    member's first `per_member` held-out dialogues; the cast's blocks join `bank`.
+    """
+    from neeko.catalog import Catalog
+    from neeko.characters import read_cast
+    from neeko.dialogues import IGNORE, read_dialogues
+    from neeko.runtime import CAST_STORE
+    from neeko.train import character_examples
+
+    catalog = Catalog.open(CAST_STORE)
+    if catalog.model != spec or catalog.shared_rank:
+        return {}
+    totals = {"fp32": [0.0, 0], "lowp": [0.0, 0]}
+    for member in read_cast():
+        char = catalog.find(member.card.name)
+        slot = bank.load_block(catalog.block_path(char.key))
+        dialogues = read_dialogues(member.heldout)[:per_member]
+        for example in character_examples(fp32.loaded, member.card, dialogues, slot):
+            for name, engine in (("fp32", fp32), ("lowp", lowp)):
+                nll, n = _stepwise_nll(engine, {slot: 1.0}, example.ids, example.labels, IGNORE)
+                totals[name][0] += nll
+                totals[name][1] += n
+    fp, low = (totals[k][0] / totals[k][1] for k in ("fp32", "lowp"))
+    return {
+        "cast_nll_fp32": round(fp, 4),
+        "cast_nll_lowp": round(low, 4),
+        "lowp_nll_change": round(low - fp, 4),
+        "cast_nll_tokens": totals["fp32"][1],
+    }
+
+
+def _stepwise_nll(
+    engine: Engine, gate: dict, ids: list[int], labels: list[int], ignore: int
+) -> tuple[float, int]:
+    """Summed NLL of the labelled tokens, feeding `ids` one decode step at a time."""
+    decoder = engine.decoder
+    assert decoder is not None
+    lora = decoder.lora_inputs(engine.bank.routing([gate], path="gathered"), 1)
+    size = length_bucket(len(ids), 1 << 30)  # the column buckets serving uses
+    shape = (decoder.n_layers, 1, decoder.n_kv, size, decoder.head_dim)
+    keys = torch.zeros(shape, dtype=decoder.dtype, device=decoder.device)
+    values = torch.zeros_like(keys)
+    total, count = 0.0, 0
+    for p in range(len(ids) - 1):
+        columns = length_bucket(p + 1, size)
+        token = torch.tensor([ids[p]], device=decoder.device)
+        position = torch.tensor([p], device=decoder.device)
+        logits, k, v = decoder.step(
+            token, position, keys[..., :columns, :], values[..., :columns, :], lora
+        )
+        keys[:, 0, :, p], values[:, 0, :, p] = k[:, 0], v[:, 0]
+        if labels[p + 1] != ignore:
+            total -= float(torch.log_softmax(logits[0].float(), -1)[labels[p + 1]])
+            count += 1
+    return total, count
+
+
 def _lockstep(configs: dict[str, Config], new_tokens: int, rounds: int) -> dict[str, Timing]:
     """Decode all configurations in lockstep, one step of each in turn; medians per config.
 
@@ -215,7 +342,7 @@ def _lockstep(configs: dict[str, Config], new_tokens: int, rounds: int) -> dict[
         _log("warm-up" if r == 0 else f"round {r}/{rounds}")
         live: dict[str, DecodeBatch] = {}
         for name, (engine, gates, names) in configs.items():
-            live[name] = DecodeBatch(engine)
+            live[name] = engine.new_batch()
             t0 = time.perf_counter()
             live[name].add(_requests(gates, new_tokens, names))
             if r:

@@ -26,8 +26,10 @@ path stays the reference and the fallback (`Engine(decode="eager")`).
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +164,8 @@ class _Layer(nn.Module):
 class StaticDecoder(nn.Module):
     """One model's decode step over a static KV cache, compiled per shape bucket."""
 
+    _instances = 0
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -214,15 +218,16 @@ class StaticDecoder(nn.Module):
             if wrapped:
                 self.wrapped[name] = wrapped
         self.targets = tuple(self.wrapped)
+        StaticDecoder._instances += 1
+        self.uid = StaticDecoder._instances
         self._step = self._forward
         if compile:
             cuda = self.device.type == "cuda"
             self._step = torch.compile(
-                self._forward,
+                _own_code(self._forward, self.uid),
                 mode="reduce-overhead" if cuda else None,
                 fullgraph=True,
-                # the weights are never replaced: checking them before every step is waste
-                options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+                options={"guard_filter_fn": _skip_weight_guards},
             )
 
     # -- inputs --------------------------------------------------------------------------
@@ -290,6 +295,8 @@ class StaticDecoder(nn.Module):
         lora_b: tuple[Tensor, ...],
         lora_w: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.uid < 0:  # read, so the graph is guarded on this instance (see below)
+            raise AssertionError
         rows, columns = tokens.shape[0], keys.shape[3]
         h = self.embed[tokens]  # (rows, hidden)
         cos = cos_table[positions][:, None, :]  # (rows, 1, head_dim)
@@ -336,6 +343,40 @@ class StaticDecoder(nn.Module):
             h = h + _add_lora(layer.down(y), y, blocks.get("down_proj"), lora_w)
         logits = self.head(_rms(h, self.norm, self.eps))
         return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+def _own_code(method: Any, uid: int) -> Any:
+    """`method` bound again to a copy of its function with a code object of its own.
+
+    Dynamo keeps compiled graphs (and its recompile limit) per code object: each decoder
+    gets its own, so many decoders in one process never crowd each other's graphs out.
+    """
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{uid}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
+def _skip_weight_guards(entries: Sequence[Any]) -> list[bool]:
+    """Keep every guard but those on the decoder's own weights and module structure.
+
+    Checking ~200 weights and modules before every step costs about a millisecond on CPU,
+    and none of them changes after construction. Value guards stay, among them the
+    decoder's `uid`: another decoder (other weights or storage) never reuses the graph.
+    """
+    return [not (e.name.startswith("self.") and e.guard_type in _STRUCTURE) for e in entries]
+
+
+_STRUCTURE = {
+    "TENSOR_MATCH",
+    "TYPE_MATCH",
+    "ID_MATCH",
+    "NOT_PRESENT_IN_GENERIC_DICT",
+    "EMPTY_NN_MODULE_HOOKS_DICT",
+    "DICT_KEYS_MATCH",
+    "SEQUENCE_LENGTH",
+}
+"""Guards on the decoder's weights and module structure, fixed once it is built."""
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -26,6 +26,12 @@ KEYS = {
     "tok_s_10_chars_b16",
     "scale_1000_vs_10",
     "mixed_matches_alone",
+    "decode_b1_vs_floor",
+    "compiled_vs_eager_b1",
+    "compiled_vs_eager_k8_b16",
+    "lowp_vs_fp32_b1",
+    "compiled_tokens_identical",
+    "read_gb_s",
     "model",
     "device",
     "torch",
@@ -47,6 +53,12 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["followup_tokens_identical"] is True
     assert 0 < result["followup_cached_tokens"] < result["followup_prompt_tokens"]
     assert result["followup_prompt_tokens"] > 1500
+    assert result["compiled_tokens_identical"] is True
+    assert result["compiled_tokens_identical_by_k"].keys() == {"1", "3", "8", "16"}
+    ratio = result["tok_s_compiled_b1"] / result["tok_s_gated_b1"]
+    assert result["compiled_vs_eager_b1"] == pytest.approx(ratio, rel=1e-2)
+    assert result["read_gb_s"] > 0
+    assert result["lowp"] == "int4"
     ratio = result["ttft_ms_followup_reused"] / result["ttft_ms_followup_full"]
     assert result["ttft_followup_vs_full"] == pytest.approx(ratio, rel=1e-2)
 
