@@ -37,13 +37,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--decode",
         choices=("eager", "compiled"),
-        default="eager",
+        default=os.environ.get("NEEKO_DECODE") or "eager",
         help="decode step: eager, or compiled (torch.compile; CUDA graphs on a GPU)",
     )
     worker.add_argument(
         "--weights",
         choices=("fp32", "bf16", "int8", "int4"),
-        default="fp32",
+        default=os.environ.get("NEEKO_WEIGHTS") or "fp32",
         help="weight storage of the compiled step (weight-only; int4 on CPU only)",
     )
     worker.add_argument("--max-attempts", type=int, default=3)
