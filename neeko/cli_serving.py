@@ -44,7 +44,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--weights",
         choices=("fp32", "bf16", "int8", "int4"),
         default=os.environ.get("NEEKO_WEIGHTS") or "fp32",
-        help="weight storage of the compiled step (weight-only; int4 on CPU only)",
+        help="weight storage of the compiled step (weight-only; int8, int4 on CPU only)",
     )
     worker.add_argument("--max-attempts", type=int, default=3)
     worker.add_argument("--claim-idle-ms", type=int, default=30_000)

@@ -102,8 +102,8 @@ class _Linear(nn.Module):
     ) -> None:
         super().__init__()
         out_features, in_features = weight.shape
-        if storage == "int4" and (weight.device.type != "cpu" or in_features % INT4_GROUP):
-            storage = "int8"  # the int4 kernel is CPU-only and needs whole groups
+        if storage == "int4" and in_features % INT4_GROUP:
+            storage = "int8"  # the int4 kernel needs whole groups
         self.storage = storage
         self.gemv = gemv and storage == "fp32" and weight.device.type == "cpu"
         self.out_dtype = weight.dtype
@@ -185,7 +185,9 @@ class StaticDecoder(nn.Module):
         if getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
             raise UnsupportedModel(f"RoPE type {rotary.rope_type!r} depends on the length")
         if weights not in WEIGHT_DTYPES:
-            raise ValueError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
+            raise GenerationError(f"weights must be one of {WEIGHT_DTYPES}, got {weights!r}")
+        if weights in ("int8", "int4") and loaded.device.type != "cpu":
+            raise GenerationError(f"{weights} weights run on CPU only (their kernels are CPU's)")
         self.weights = weights
         self.dtype = loaded.dtype
         self.device = loaded.device
