@@ -341,11 +341,17 @@ class DecodeBatch:
             position_ids=self.positions[:, None],
             cache=self.cache,
         )
+        return self._advance(logits)
+
+    def _advance(self, logits: Tensor) -> bool:
+        """Sample each row's next token from `logits`, then let finished rows go."""
+        assert self.positions is not None
+        n = len(self.rows)
         self.positions = self.positions + 1
-        self.pending = self._sample(logits, self.rows)
+        self.pending = self._sample(logits[:n], self.rows)
         keep = self._record(self.rows, self.pending.tolist())
-        if len(keep) < len(self.rows):
-            self._remember([i for i in range(len(self.rows)) if i not in set(keep)])
+        if len(keep) < n:
+            self._remember([i for i in range(n) if i not in set(keep)])
             self._keep(keep)
         return bool(self.rows)
 
@@ -598,13 +604,7 @@ class StaticDecodeBatch(DecodeBatch):
         at = torch.arange(n, device=keys.device)
         keys[:, at, :, self.positions] = new_k[:, :n].transpose(0, 1)
         values[:, at, :, self.positions] = new_v[:, :n].transpose(0, 1)
-        self.positions = self.positions + 1
-        self.pending = self._sample(logits[:n], self.rows)
-        keep = self._record(self.rows, self.pending.tolist())
-        if len(keep) < n:
-            self._remember([i for i in range(n) if i not in set(keep)])
-            self._keep(keep)
-        return bool(self.rows)
+        return self._advance(logits)
 
     def _remember(self, done: list[int]) -> None:
         cache = self.engine.prefix_cache
