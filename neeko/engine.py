@@ -358,17 +358,23 @@ class DecodeBatch:
     def _remember(self, done: list[int]) -> None:
         """Keep the KV cache of finished rows for their conversation's next turn."""
         cache = self.engine.prefix_cache
-        if cache is None or self.cache is None or self.mask is None:
+        if cache is None:
             return
         for i in done:
             row = self.rows[i]
-            real = self.mask[i].nonzero().squeeze(-1)
-            fed = (row.prompt + row.tokens)[: real.numel()]
-            layers = [
-                (layer.keys[i : i + 1, :, real], layer.values[i : i + 1, :, real])
-                for layer in self.cache.layers
-            ]
+            layers = self._row_kv(i)
+            fed = (row.prompt + row.tokens)[: layers[0][0].shape[2]]
             cache.store(row.request.gate, fed, layers)
+
+    def _row_kv(self, i: int) -> list[tuple[Tensor, Tensor]]:
+        """Row i's keys and values, (1, kv_heads, tokens, head_dim) per layer, padding out."""
+        assert self.cache is not None
+        assert self.mask is not None
+        real = self.mask[i].nonzero().squeeze(-1)
+        return [
+            (layer.keys[i : i + 1, :, real], layer.values[i : i + 1, :, real])
+            for layer in self.cache.layers
+        ]
 
     # -- internals ---------------------------------------------------------------------
 
@@ -490,20 +496,27 @@ class DecodeBatch:
         routing: Any,
     ) -> None:
         if not self.rows:
-            self.rows, self.cache, self.mask = rows, cache, mask
-            self.positions, self.pending, self.routing = positions, pending, routing
+            self.cache, self.mask = cache, mask
+        else:
+            assert self.cache is not None
+            assert self.mask is not None
+            width = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+                old.values = torch.cat(
+                    [_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]
+                )
+            self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self._join(rows, positions, pending, routing)
+
+    def _join(self, rows: list[_Row], positions: Tensor, pending: Tensor, routing: Any) -> None:
+        """Append new rows' positions, pending tokens and routing to the running ones."""
+        if not self.rows:
+            self.rows, self.routing = rows, routing
+            self.positions, self.pending = positions, pending
             return
-        assert self.cache is not None
-        assert self.mask is not None
         assert self.positions is not None
         assert self.pending is not None
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat(
-                [_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]
-            )
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.pending = torch.cat([self.pending, pending])
         self.rows = self.rows + rows
@@ -571,14 +584,7 @@ class StaticDecodeBatch(DecodeBatch):
         for j, n in enumerate(positions.tolist()):  # a row's real columns end the prefill
             keys[:, first + j, :, :n] = new_k[:, j, :, width - n :]
             values[:, first + j, :, :n] = new_v[:, j, :, width - n :]
-        if self.rows:
-            assert self.positions is not None
-            assert self.pending is not None
-            positions = torch.cat([self.positions, positions])
-            pending = torch.cat([self.pending, pending])
-            routing = self.engine.merge_routing(self.routing, routing, self.rows + rows)
-        self.rows = self.rows + rows
-        self.positions, self.pending, self.routing = positions, pending, routing
+        self._join(rows, positions, pending, routing)
         self._lora = None
 
     @torch.inference_mode()
@@ -606,21 +612,13 @@ class StaticDecodeBatch(DecodeBatch):
         values[:, at, :, self.positions] = new_v[:, :n].transpose(0, 1)
         return self._advance(logits)
 
-    def _remember(self, done: list[int]) -> None:
-        cache = self.engine.prefix_cache
-        if cache is None or self.keys is None or self.values is None or self.positions is None:
-            return
-        for i in done:
-            row, n = self.rows[i], int(self.positions[i])
-            fed = (row.prompt + row.tokens)[:n]
-            layers = [
-                (
-                    self.keys[layer, i : i + 1, :, :n].clone(),
-                    self.values[layer, i : i + 1, :, :n].clone(),
-                )
-                for layer in range(self.decoder.n_layers)
-            ]
-            cache.store(row.request.gate, fed, layers)
+    def _row_kv(self, i: int) -> list[tuple[Tensor, Tensor]]:
+        assert self.keys is not None
+        assert self.values is not None
+        assert self.positions is not None
+        n = int(self.positions[i])  # the pending token is not in the cache yet
+        keys, values = self.keys[:, i : i + 1, :, :n], self.values[:, i : i + 1, :, :n]
+        return [(k.clone(), v.clone()) for k, v in zip(keys, values, strict=True)]
 
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
