@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from neeko.errors import GenerationError
-from neeko.lora import BlockLoRALinear, LoRABank, Routing
+from neeko.lora import BlockLoRALinear, Routing
 from neeko.model import LoadedModel
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -169,13 +169,13 @@ class StaticDecoder(nn.Module):
     def __init__(
         self,
         loaded: LoadedModel,
-        bank: LoRABank | None = None,
         weights: WeightDtype = "fp32",
         compile: bool = True,
     ) -> None:
-        """Take `loaded`'s weights (fusing q/k/v and gate/up in place) and `bank`'s layout.
+        """Take `loaded`'s weights (q/k/v and gate/up fused in place) and its bank's layout.
 
-        Raises UnsupportedModel for architectures it does not reproduce.
+        The bank is the one wrapped into `loaded.model`, if any. Raises UnsupportedModel for
+        architectures it does not reproduce.
         """
         super().__init__()
         model, cfg = loaded.model, loaded.model.config
@@ -205,10 +205,9 @@ class StaticDecoder(nn.Module):
         self.register_buffer("embed", model.model.embed_tokens.weight.detach())
         self.register_buffer("norm", model.model.norm.weight.detach())
         self.head = _Linear(*_weights(model.lm_head), weights, compile)
-        self.rotary = rotary
+        self._rotary = [rotary]  # a list: not a submodule of the decoder (never compiled)
         self._rope_len = 0
         self.cos = self.sin = torch.empty(0)
-        self.bank = bank
         self.wrapped: dict[str, list[BlockLoRALinear]] = {}
         """Per projection name the bank wraps, its bank layer in every decoder layer."""
         for name in PROJECTIONS:
@@ -241,7 +240,7 @@ class StaticDecoder(nn.Module):
             positions = torch.arange(n, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             with torch.inference_mode():
-                cos, sin = self.rotary(probe, positions)
+                cos, sin = self._rotary[0](probe, positions)
             self.cos, self.sin, self._rope_len = cos[0], sin[0], n
         return self.cos, self.sin
 

@@ -172,7 +172,7 @@ class Engine:
             raise GenerationError(f"decode must be eager or compiled, got {decode!r}")
         if decode == "compiled":
             try:
-                self.decoder = StaticDecoder(loaded, bank, weights)
+                self.decoder = StaticDecoder(loaded, weights)
             except UnsupportedModel as exc:
                 log.warning("%s; decoding eagerly", exc)
         elif weights != "fp32":

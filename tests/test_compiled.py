@@ -152,7 +152,7 @@ def test_other_bank_layouts_match_eager_uncompiled(tiny, config):
         if config.targets == ("all-linear",)
         else {"q_proj", "v_proj"}
     )
-    compiled.decoder = StaticDecoder(compiled.loaded, compiled.bank, compile=False)
+    compiled.decoder = StaticDecoder(compiled.loaded, compile=False)
     requests = _requests(4, 4)
     assert [r.token_ids for r in compiled.generate(requests)] == [
         r.token_ids for r in eager.generate(requests)
@@ -165,9 +165,7 @@ def test_lower_precision_weights_stay_close_to_fp32(tiny, weights, tolerance):
     _, fp32 = _pair(tiny)
     _, low = _pair(tiny, weights=weights)
     for engine in (fp32, low):
-        engine.decoder = StaticDecoder(
-            engine.loaded, engine.bank, weights=engine.decoder.weights, compile=False
-        )
+        engine.decoder = StaticDecoder(engine.loaded, weights=engine.decoder.weights, compile=False)
     tokens, positions = torch.tensor([5, 9]), torch.tensor([0, 0])
     keys = torch.zeros(2, 2, 2, 0, 16)
     outs = []
@@ -240,7 +238,7 @@ def test_a_store_opens_with_the_compiled_step(tiny_store):
     compiled = open_runtime(tiny_store, "tiny", decode="compiled", weights="fp32")
     assert eager.engine.decoder is None
     assert compiled.engine.decoder is not None
-    compiled.engine.decoder = StaticDecoder(compiled.loaded, compiled.bank, compile=False)
+    compiled.engine.decoder = StaticDecoder(compiled.loaded, compile=False)
     greedy = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     requests = [
         GenerationRequest([{"role": "user", "content": "hello"}], rt.gate(key), greedy)
