@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ PROMPT = [
     },
 ]
 BATCH = 16
+READ_BYTES = 1 << 30
+"""Size of the buffer whose read measures memory bandwidth (far larger than any cache)."""
 Config = tuple[Engine, list[dict | None], list[str]]
 """An engine, one gate per row, and (for PEFT) one adapter name per row."""
 
@@ -166,9 +169,11 @@ def run_engine_bench(
         "lowp_b1": (compiled_lowp, k[1][:1], []),
         "lowp_k8_b16": (compiled_lowp, k[8], []),
     }
-    med = _lockstep(configs, new_tokens, rounds)
-    _log("memory read bandwidth, compiled vs eager tokens, and the low-precision NLL change")
-    read_gb_s = _read_bandwidth(base.device)
+    read = partial(_read, torch.ones(READ_BYTES // 4, device=base.device))
+    med, read_s = _lockstep(configs, new_tokens, rounds, probe=read)
+    del read  # the buffer
+    read_gb_s = READ_BYTES / read_s / 1e9
+    _log("compiled vs eager tokens, and the low-precision NLL change")
     weight_gb = _weight_bytes(base.loaded.model) / 1e9
     tokens_identical = _compiled_vs_eager(compiled, ours, new_tokens)
     nll = _lowp_nll(compiled, compiled_lowp, bank, spec) if spec == "default" else {}
@@ -229,17 +234,11 @@ def run_engine_bench(
     return out
 
 
-def _read_bandwidth(device: torch.device, gigabytes: float = 1.0, samples: int = 7) -> float:
-    """Memory read bandwidth (GB/s): the median time to sum a buffer far larger than caches."""
-    buffer = torch.ones(int(gigabytes * 1e9) // 4, device=device)
-    times = []
-    for _ in range(samples + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        buffer.sum()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return buffer.numel() * 4 / statistics.median(times[1:]) / 1e9
+def _read(buffer: torch.Tensor) -> None:
+    """Read every byte of `buffer` once (a sum), waiting for the device."""
+    _sync(buffer.device)
+    buffer.sum()
+    _sync(buffer.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -330,12 +329,16 @@ def _stepwise_nll(
     return total, count
 
 
-def _lockstep(configs: dict[str, Config], new_tokens: int, rounds: int) -> dict[str, Timing]:
+def _lockstep(
+    configs: dict[str, Config], new_tokens: int, rounds: int, probe: Callable[[], object]
+) -> tuple[dict[str, Timing], float]:
     """Decode all configurations in lockstep, one step of each in turn; medians per config.
 
     Interleaving single decode steps means a slow moment of the machine hits every
-    configuration alike. Round 0 is the warm-up and is not counted.
+    configuration alike; `probe` (the memory-bandwidth read) runs once per turn too, and
+    its median time comes back with the timings. Round 0 is the warm-up and is not counted.
     """
+    probes: list[float] = []
     steps: dict[str, list[float]] = {name: [] for name in configs}
     prefill: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(rounds + 1):
@@ -355,12 +358,17 @@ def _lockstep(configs: dict[str, Config], new_tokens: int, rounds: int) -> dict[
                     steps[name].append(time.perf_counter() - t0)
                 if not running:
                     del live[name]
-    return {
+            if r:
+                t0 = time.perf_counter()
+                probe()
+                probes.append(time.perf_counter() - t0)
+    timings = {
         name: Timing(
             len(configs[name][1]), statistics.median(steps[name]), statistics.median(prefill[name])
         )
         for name in configs
     }
+    return timings, statistics.median(probes)
 
 
 def _median(ts: list[Timing]) -> Timing:

@@ -207,6 +207,24 @@ def test_unsupported_models_fall_back_to_eager(tiny, caplog):
         Engine(tiny, None, weights="int8")
 
 
+def test_every_bucket_compiles_a_static_graph(tiny):
+    """One graph per (rows, columns) bucket, never one generalised over shapes (slower)."""
+    from torch._dynamo.utils import counters
+
+    dec = StaticDecoder(tiny)
+
+    def step(rows: int, columns: int) -> None:
+        keys = torch.zeros(dec.n_layers, rows, dec.n_kv, columns, dec.head_dim)
+        tokens, positions = torch.ones(rows, dtype=torch.long), torch.full((rows,), 3)
+        dec.step(tokens, positions, keys, torch.zeros_like(keys), None)
+
+    before = counters["stats"]["unique_graphs"]
+    shapes = [(1, 256), (2, 256), (1, 512), (2, 512), (4, 768), (1, 256), (4, 768)]
+    for rows, columns in shapes:
+        step(rows, columns)
+    assert counters["stats"]["unique_graphs"] - before == len(set(shapes))
+
+
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17, 64, 65, 100)] == [
         1,
