@@ -284,8 +284,9 @@ class StaticDecoder(nn.Module):
         iff j < its position. Returns the new keys and values as (layers, rows, kv_heads,
         head_dim) for the caller to write at column `positions`.
         """
-        rows = int(keys.shape[3]) + 1  # positions are at most the columns: tables cut to
-        cos, sin = (t[:rows] for t in self.rope(rows))  # this size keep one shape per bucket
+        # positions are at most the columns; tables cut to this length keep one shape per bucket
+        length = int(keys.shape[3]) + 1
+        cos, sin = (t[:length] for t in self.rope(length))
         if lora is None:
             return self._step(tokens, positions, keys, values, cos, sin, (), (), None)
         return self._step(tokens, positions, keys, values, cos, sin, lora.a, lora.b, lora.w)
