@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neeko import model as model_lib
-from neeko.compiled import StaticDecoder, bucket, length_bucket
+from neeko.compiled import StaticDecoder, _Linear, bucket, length_bucket
 from neeko.engine import Engine, GenerationRequest, SamplingParams, StaticDecodeBatch
 from neeko.errors import GenerationError
 from neeko.kvcache import PrefixCache
@@ -176,6 +176,21 @@ def test_lower_precision_weights_stay_close_to_fp32(tiny, weights, tolerance):
             outs.append(engine.decoder.step(tokens, positions, keys, keys, lora)[0])
     error = (outs[1] - outs[0]).norm() / outs[0].norm()
     assert 0 < error < tolerance
+
+
+@pytest.mark.parametrize(("storage", "tolerance"), [("fp32", 1e-6), ("bf16", 0.01)])
+def test_one_row_product_sum_equals_the_matmul(storage, tolerance):
+    """The single-row product-sum that inductor streams computes what the matmul does."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=gen), torch.randn(1, 64, generator=gen)
+    lin = _Linear(w, None, storage, gemv=True)
+    assert lin.gemv
+    want = x @ w.T
+    error = (lin(x) - want).norm() / want.norm()
+    assert error < tolerance
+    if storage == "bf16":
+        assert lin.weight.dtype == torch.bfloat16
+        assert error > 1e-4  # the weights are stored rounded
 
 
 def test_int4_holds_q4_1_weights_almost_exactly():
