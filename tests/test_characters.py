@@ -108,7 +108,9 @@ def test_fuse_is_fast_and_mixes_trained_characters(catalog, rt):
     catalog.encoder
     t0 = time.perf_counter()
     char = catalog.add(card_from_fields("Old Salt", "A gruff old sailor of the high seas."))
-    assert time.perf_counter() - t0 < 1.0
+    # one embedding and a softmax (~0.1 s); training a block would take minutes. The bound
+    # leaves room for a busy CPU (1.0 s failed once with training beside the suite).
+    assert time.perf_counter() - t0 < 5.0
     assert char.status == "fused"
     assert sum(char.mix.values()) == pytest.approx(1.0)
     assert max(char.mix, key=char.mix.get) == "captain_mara_vell"
