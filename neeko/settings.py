@@ -33,7 +33,7 @@ class ChatSettings(_Section):
     device: str | None = None
     decode: Literal["eager", "compiled"] = "eager"
     """The embedded worker's decode step: eager, or compiled (`neeko.compiled`; the first
-    steps of each batch size compile for a while, later ones are faster)."""
+    step of each batch size and length bucket compiles for a while, later ones are faster)."""
     weights: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
     """Weight storage of the compiled decode step (weight-only; the blocks stay fp32)."""
     history_tokens: int = Field(1536, ge=64)
