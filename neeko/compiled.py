@@ -317,7 +317,8 @@ class StaticDecoder(nn.Module):
             valid = valid & (col[None, :] > positions[:, None] - self.window)
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=tokens.device)
         bias = bias.masked_fill(~valid, -math.inf)[:, None, None, :]  # (rows, 1, 1, columns)
-        lora = dict(zip(self.targets, zip(lora_a, lora_b, strict=True), strict=True))
+        pairs = zip(lora_a, lora_b, strict=True)
+        lora = dict(zip(self.targets, pairs, strict=True)) if lora_a else {}
         new_k, new_v = [], []
         group = self.n_heads // self.n_kv
         scale = self.head_dim**-0.5

@@ -84,6 +84,18 @@ def test_one_step_gives_the_eager_logits_for_every_row(pair):
     torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-4, rtol=1e-4)
 
 
+def test_a_batch_of_base_model_rows_runs_without_blocks(pair):
+    """Rows with no gate alone in a batch (no block inputs at all) decode as eager."""
+    eager, compiled = pair
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    requests = [
+        GenerationRequest([{"role": "user", "content": text}], None, greedy)
+        for text in ("sea", "storm ship")
+    ]
+    want = [r.token_ids for r in eager.generate(requests)]
+    assert [r.token_ids for r in compiled.generate(requests)] == want
+
+
 def test_rows_joining_a_running_batch_keep_the_same_tokens(pair):
     """Continuous batching: rows added between steps, in another slot bucket."""
     eager, compiled = pair
