@@ -21,6 +21,7 @@ TRAIN_DEFAULTS = {
     "seed": 0,
     "shared_rank": 0,
     "schedule": "joint",
+    "shared_prompt": "card",
 }
 """`neeko.train.TrainConfig`'s defaults, without importing torch for `--help` (a test checks
 that they agree)."""
@@ -248,6 +249,13 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         help="train shared and own blocks together, the shared block first (staged), "
         "or the own blocks first",
     )
+    p.add_argument(
+        "--shared-prompt",
+        choices=("card", "anonymous"),
+        default=defaults["shared_prompt"],
+        help="the system prompt the shared block's own stage trains under: each "
+        "character's card, or one that names no one (staged and own-first only)",
+    )
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
 
@@ -263,6 +271,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
         seed=args.seed,
         shared_rank=args.shared_rank,
         schedule=args.schedule,
+        shared_prompt=args.shared_prompt,
     )
 
 

@@ -69,6 +69,11 @@ class TrainConfig:
     """`joint`: shared and own blocks train together; `staged`: the shared block first
     (all data, its own epochs), then the own blocks on top of it, frozen; `own-first`: the
     own blocks alone first, then the shared block on top of them, frozen."""
+    shared_prompt: SharedPrompt = "card"
+    """What system prompt the shared block's own stage (staged, own-first) trains under:
+    `card`, each character's; `anonymous`, one prompt that names no one
+    (`ANONYMOUS_PROMPT`), so the shared block learns what the characters share and each
+    own block has to carry its character's voice."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
@@ -79,6 +84,12 @@ class TrainConfig:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.shared_prompt not in SHARED_PROMPTS:
+            raise ValueError(
+                f"shared_prompt must be one of {SHARED_PROMPTS}, got {self.shared_prompt!r}"
+            )
+        if self.shared_prompt != "card" and self.schedule == "joint":
+            raise ValueError("an anonymous shared prompt needs a staged or own-first schedule")
 
 
 @dataclass
@@ -98,6 +109,10 @@ class TrainReport:
 
 Schedule = Literal["joint", "staged", "own-first"]
 SCHEDULES = ("joint", "staged", "own-first")
+SharedPrompt = Literal["card", "anonymous"]
+SHARED_PROMPTS = ("card", "anonymous")
+ANONYMOUS_PROMPT = "You are a character in a story. Stay in character and reply in your own voice."
+"""The system prompt the shared block trains under with `shared_prompt="anonymous"`."""
 SHARED_GROUP = -1
 """The parameter group (and loss group) of the shared block."""
 
@@ -343,12 +358,14 @@ def character_examples(
     dialogues: list[Dialogue],
     block: int,
     max_tokens: int = 1024,
+    system: str | None = None,
 ) -> list[Example]:
     """Tokenised dialogues of one character, rendered with its system prompt, for `block`.
 
-    Each is cut at `max_tokens` (`Example.dropped` counts what the cut left out).
+    `system` replaces the card's system prompt. Each is cut at `max_tokens`
+    (`Example.dropped` counts what the cut left out).
     """
-    system = system_prompt(card)
+    system = system_prompt(card) if system is None else system
     out = []
     for d in dialogues:
         if d.character != card.name:
@@ -388,18 +405,44 @@ def pretune(
     gen = torch.Generator().manual_seed(cfg.seed)
     shared = rt.bank.add_blocks(cfg.shared_rank // rank, "lora", gen) if new_shared else rt.shared
     blocks = rt.bank.add_blocks(len(members), init="lora", generator=gen)
-    examples = []
+    examples, anonymous = [], []
     for (card, dialogues), block in zip(members, blocks, strict=True):
         examples += character_examples(rt.loaded, card, dialogues, block)
+        if new_shared and cfg.shared_prompt == "anonymous":
+            anonymous += character_examples(
+                rt.loaded, card, dialogues, block, system=ANONYMOUS_PROMPT
+            )
+    shared_examples = anonymous or examples
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = partial(train_blocks, rt.loaded, rt.bank, examples, cfg, progress=progress, shared=shared)
     if new_shared and cfg.schedule == "staged":
-        first = run(ckpt and ckpt / "shared", train_own=False, train_shared=True)
+        first = train_blocks(
+            rt.loaded,
+            rt.bank,
+            shared_examples,
+            cfg,
+            ckpt and ckpt / "shared",
+            progress,
+            shared=shared,
+            train_own=False,
+            train_shared=True,
+        )
         then = run(ckpt and ckpt / "own")
         report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     elif new_shared and cfg.schedule == "own-first":
         first = run(ckpt and ckpt / "own", shared=())
-        then = run(ckpt and ckpt / "shared", train_own=False, train_shared=True, own_in_gate=True)
+        then = train_blocks(
+            rt.loaded,
+            rt.bank,
+            shared_examples,
+            cfg,
+            ckpt and ckpt / "shared",
+            progress,
+            shared=shared,
+            train_own=False,
+            train_shared=True,
+            own_in_gate=True,
+        )
         report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     else:
         report = run(ckpt, train_shared=new_shared)

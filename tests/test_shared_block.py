@@ -1,6 +1,7 @@
 """The shared block: every character's gate is shared + own; expansion freezes both."""
 
 import copy
+import dataclasses
 import shutil
 
 import pytest
@@ -18,6 +19,7 @@ from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 from neeko.runtime import empty_runtime, open_runtime
 from neeko.train import (
+    ANONYMOUS_PROMPT,
     TrainConfig,
     TrainingError,
     character_examples,
@@ -118,6 +120,55 @@ def test_pretune_trains_a_shared_block_every_gate_adds(tmp_path, schedule):
     assert torch.equal(_logits(again, {}), _logits(rt, {}))  # the base model stays reachable
     birch = again.catalog.find("Birch").key
     assert not torch.equal(_logits(again, again.gate(ash)), _logits(again, again.gate(birch)))
+
+
+def _same(one: dict, other: dict) -> bool:
+    return all(torch.equal(one[n][i], other[n][i]) for n in one for i in (0, 1))
+
+
+@pytest.mark.parametrize("schedule", ["staged", "own-first"])
+def test_an_anonymous_shared_stage_trains_under_a_prompt_that_names_no_one(tmp_path, schedule):
+    cfg = TrainConfig(**{**STEPS.__dict__, "schedule": schedule})
+    trained = {}
+    for prompt in ("card", "anonymous"):
+        rt = empty_runtime(Catalog(tmp_path / prompt), "tiny")
+        pretune(rt, MEMBERS, dataclasses.replace(cfg, shared_prompt=prompt), progress=False)
+        trained[prompt] = rt
+    # The reference: the same stages by hand, the shared one on lines under ANONYMOUS_PROMPT.
+    rt = empty_runtime(Catalog(tmp_path / "ref"), "tiny")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shared = rt.bank.add_blocks(2, "lora", gen)
+    own = rt.bank.add_blocks(2, init="lora", generator=gen)
+    lines = {}
+    for system in (None, ANONYMOUS_PROMPT):
+        lines[system] = [
+            ex
+            for (card, dialogues), k in zip(MEMBERS, own, strict=True)
+            for ex in character_examples(rt.loaded, card, dialogues, k, system=system)
+        ]
+    kwargs = {"progress": False, "shared": shared}
+    stage = {"train_own": False, "train_shared": True}
+    if schedule == "staged":
+        train_blocks(rt.loaded, rt.bank, lines[ANONYMOUS_PROMPT], cfg, **kwargs, **stage)
+        train_blocks(rt.loaded, rt.bank, lines[None], cfg, **kwargs)
+    else:
+        train_blocks(rt.loaded, rt.bank, lines[None], cfg, progress=False)
+        stage["own_in_gate"] = True
+        train_blocks(rt.loaded, rt.bank, lines[ANONYMOUS_PROMPT], cfg, **kwargs, **stage)
+    for want, mine in [(shared[0], "shared"), (own[0], "own")]:
+        got = {
+            p: trained[p].shared[0]
+            if mine == "shared"
+            else trained[p].slots[trained[p].catalog.find("Ash").key]
+            for p in trained
+        }
+        reference = rt.bank.get_block(want)
+        assert _same(trained["anonymous"].bank.get_block(got["anonymous"]), reference), mine
+        # Own-first trains the own blocks under the cards before the shared stage.
+        differs = mine == "shared" or schedule == "staged"
+        assert differs != _same(trained["card"].bank.get_block(got["card"]), reference), mine
+    with pytest.raises(ValueError, match="staged or own-first"):
+        TrainConfig(shared_rank=8, shared_prompt="anonymous")
 
 
 def test_a_stage_trains_only_its_blocks_under_the_full_gate(tiny):
