@@ -208,6 +208,7 @@ def run_engine_bench(
         "compiled_vs_eager_k8_b16": round(med["compiled_k8_b16"].tok_s / med["k8_b16"].tok_s, 4),
         "compiled_tokens_identical": all(tokens_identical.values()),
         "compiled_tokens_identical_by_k": tokens_identical,
+        "b1_step": "native" if compiled.decoder and compiled.decoder.native else "graph",
         "lowp": lowp,
         "lowp_vs_fp32_b1": round(med["lowp_b1"].tok_s / med["compiled_b1"].tok_s, 4),
         "lowp_vs_fp32_k8_b16": round(med["lowp_k8_b16"].tok_s / med["compiled_k8_b16"].tok_s, 4),
@@ -257,12 +258,16 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _compiled_vs_eager(compiled: Engine, eager: Engine, new_tokens: int) -> dict[str, bool]:
-    """Greedy tokens of the compiled step vs the eager path, 16 rows over K characters."""
+    """Greedy tokens of the compiled step vs the eager path.
+
+    16 rows over K characters, and one row alone (`b1`: the native step where it runs).
+    """
     out = {}
-    for k in (1, 3, 8, 16):
-        requests = _requests([{i % k: 1.0} for i in range(BATCH)], new_tokens)
+    for k in (1, 3, 8, 16, 0):
+        gates = [{i % k: 1.0} for i in range(BATCH)] if k else [{1: 1.0}]
+        requests = _requests(gates, new_tokens)
         want = [r.token_ids for r in eager.generate(requests)]
-        out[str(k)] = [r.token_ids for r in compiled.generate(requests)] == want
+        out[str(k) if k else "b1"] = [r.token_ids for r in compiled.generate(requests)] == want
     return out
 
 

@@ -19,6 +19,8 @@ decode step is a pure function of tensors, compiled once per shape bucket:
   linear) match the eager path value for value.
 
 Prefill stays eager (one batched call per admission); only the decode step is compiled.
+A step of one row with fp32 weights on the CPU runs `neeko.native`'s C step instead, which
+computes the same thing streaming each weight once.
 `torch.compile` uses inductor on CPU and CUDA graphs (`reduce-overhead`) on CUDA; the eager
 path stays the reference and the fallback (`Engine(decode="eager")`). Shapes are static
 (`dynamic=False`): each (rows, columns) bucket compiles its own graph on first use (inductor
@@ -38,9 +40,11 @@ import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
+from neeko import native as native_lib
 from neeko.errors import GenerationError
 from neeko.lora import BlockLoRALinear, Routing
 from neeko.model import LoadedModel
+from neeko.native import NativeStep
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 """`config.model_type`s whose decoder layer this step reproduces."""
@@ -176,11 +180,13 @@ class StaticDecoder(nn.Module):
         loaded: LoadedModel,
         weights: WeightDtype = "fp32",
         compile: bool = True,
+        native: bool | None = None,
     ) -> None:
         """Take `loaded`'s weights (q/k/v and gate/up fused in place) and its bank's layout.
 
-        The bank is the one wrapped into `loaded.model`, if any. Raises UnsupportedModel for
-        architectures it does not reproduce.
+        The bank is the one wrapped into `loaded.model`, if any. With `native` (default:
+        `compile`), batch-1 steps run `neeko.native`'s step where it supports the model.
+        Raises UnsupportedModel for architectures it does not reproduce.
         """
         super().__init__()
         model, cfg = loaded.model, loaded.model.config
@@ -202,6 +208,7 @@ class StaticDecoder(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.eps = cfg.rms_norm_eps
         self.act = ACT2FN[cfg.hidden_act]
+        self.act_name = str(cfg.hidden_act)
         window = getattr(cfg, "sliding_window", None)
         use_window = getattr(cfg, "use_sliding_window", True)
         self.window = int(window) if window and use_window else 0
@@ -237,6 +244,10 @@ class StaticDecoder(nn.Module):
                 dynamic=False,
                 options={"guard_filter_fn": _skip_weight_guards},
             )
+        self.native: NativeStep | None = None
+        if (compile if native is None else native) and native_lib.supports(self):
+            lib = native_lib.library()
+            self.native = NativeStep(self, lib) if lib is not None else None
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -289,6 +300,8 @@ class StaticDecoder(nn.Module):
         # positions are at most the columns; tables cut to this length keep one shape per bucket
         length = int(keys.shape[3]) + 1
         cos, sin = (t[:length] for t in self.rope(length))
+        if self.native is not None and tokens.shape[0] == 1:
+            return self.native(tokens, positions, keys, values, cos, sin, lora)
         if lora is None:
             return self._step(tokens, positions, keys, values, cos, sin, (), (), None)
         return self._step(tokens, positions, keys, values, cos, sin, lora.a, lora.b, lora.w)

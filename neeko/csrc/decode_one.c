@@ -1,0 +1,238 @@
+/* One decode step of a Llama-family model for a single row, fp32, on the CPU.
+ *
+ * The batch-1 path of neeko.compiled.StaticDecoder: the same arithmetic as its `_forward`
+ * (RMSNorm, fused q/k/v with optional bias, RoPE from the model's tables, grouped-query
+ * attention over the row's cached columns plus its own, SiLU MLP, the blocks' low-rank
+ * terms added to the projections they wrap), written so that one step is one OpenMP
+ * parallel region: every weight matrix is streamed once, split by output rows over the
+ * threads, with a few barriers per layer and nothing recomputed. A decode step at batch
+ * 1 reads ~0.5 GB of weights for a few MFLOP, so it is bound by memory bandwidth; the
+ * dot products keep two independent vector accumulators so the loads, not the add
+ * latency, set the pace.
+ *
+ * Built at first use by neeko/native.py with the system C compiler (-O3 -march=native
+ * -fopenmp) and loaded with ctypes; OpenMP resolves to the runtime torch already loaded.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64))); /* 16 lanes; narrower ISAs split it */
+#define LANES 16
+
+enum { Q, K, V, O, GATE, UP, DOWN, N_PROJ };
+
+typedef struct {
+    const float *a; /* (layers, kp, d_in), or NULL: no blocks on this projection */
+    const float *b; /* (layers, kp, d_out) */
+    const float *w; /* (kp,): each block's gate weight times alpha / rank, per rank */
+    int64_t kp;
+} Lora;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, window, threads;
+    float eps;
+    const float *const *qkv;      /* per layer (q + 2 kv, hidden) */
+    const float *const *qkv_bias; /* per layer (q + 2 kv,), or NULL */
+    const float *const *o;        /* per layer (hidden, heads * head_dim) */
+    const float *const *gate_up;  /* per layer (2 inter, hidden) */
+    const float *const *down;     /* per layer (hidden, inter) */
+    const float *const *ln_in;    /* per layer (hidden,) */
+    const float *const *ln_post;  /* per layer (hidden,) */
+    const float *norm, *head, *embed;
+    Lora lora[N_PROJ];
+} Model;
+
+typedef struct {
+    int64_t token, position;
+    const float *cos, *sin;     /* (head_dim,) at `position` */
+    const float *keys, *values; /* the row's cache; columns [0, position) are valid */
+    int64_t layer_stride, head_stride, column_stride; /* in floats; head_dim is contiguous */
+    float *logits;              /* (vocab,) */
+    float *new_k, *new_v;       /* (layers, kv_heads, head_dim) */
+} Step;
+
+static inline float dot(const float *restrict w, const float *restrict x, int64_t n) {
+    vf a0 = {0}, a1 = {0}, w0, w1, x0, x1;
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {
+        memcpy(&w0, w + i, sizeof w0);
+        memcpy(&w1, w + i + LANES, sizeof w1);
+        memcpy(&x0, x + i, sizeof x0);
+        memcpy(&x1, x + i + LANES, sizeof x1);
+        a0 += w0 * x0;
+        a1 += w1 * x1;
+    }
+    a0 += a1;
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += a0[l];
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* out = weight * x / rms(x), as LlamaRMSNorm computes it in fp32. */
+static void rms_norm(const float *x, const float *weight, float eps, int64_t n, float *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
+}
+
+/* z[r] = w[r] * (A[r] . x) for the blocks of one projection in one layer. */
+static void lora_in(const Lora *l, int64_t layer, int64_t d_in, const float *x, float *z) {
+    const float *a = l->a + layer * l->kp * d_in;
+    for (int64_t r = 0; r < l->kp; r++) z[r] = l->w[r] * dot(a + r * d_in, x, d_in);
+}
+
+/* The low-rank term of output `o` of a projection with `d_out` outputs. */
+static inline float lora_out(const Lora *l, int64_t layer, int64_t d_out, const float *z,
+                             int64_t o) {
+    const float *b = l->b + layer * l->kp * d_out + o;
+    float s = 0.0f;
+    for (int64_t r = 0; r < l->kp; r++) s += z[r] * b[r * d_out];
+    return s;
+}
+
+static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    for (int64_t i = half; i < d; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* Floats of the shared scratch buffer: h, qkv, roped q, attention output, MLP hidden. */
+static int64_t shared_floats(const Model *m) {
+    int64_t qd = m->heads * m->head_dim, kd = m->kv_heads * m->head_dim;
+    return m->hidden + (qd + 2 * kd) + qd + qd + m->inter;
+}
+
+/* Returns 0, or -1 if scratch memory could not be allocated. */
+int neeko_decode_one(const Model *m, const Step *s) {
+    const int64_t H = m->hidden, D = m->head_dim, NH = m->heads, NKV = m->kv_heads;
+    const int64_t QD = NH * D, KD = NKV * D, QKV = QD + 2 * KD, I = m->inter;
+    const int64_t pos = s->position;
+    const int64_t start = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0;
+    const int64_t group = NH / NKV;
+    const float scale = 1.0f / sqrtf((float)D);
+    int64_t zn = 0;
+    for (int p = 0; p < N_PROJ; p++) zn += m->lora[p].a ? m->lora[p].kp : 0;
+    /* per thread: the normed input, the blocks' inputs z, one head's scores */
+    const int64_t private_n = H + zn + (pos + 1);
+    float *shared = malloc(sizeof(float) * shared_floats(m));
+    float *private_all = malloc(sizeof(float) * private_n * m->threads);
+    if (!shared || !private_all) {
+        free(shared);
+        free(private_all);
+        return -1;
+    }
+    float *h = shared, *qkv = h + H, *qrot = qkv + QKV, *attn = qrot + QD, *y = attn + QD;
+    memcpy(h, m->embed + s->token * H, sizeof(float) * H);
+
+#pragma omp parallel num_threads(m->threads)
+    {
+        const int tid = omp_get_thread_num();
+        float *x = private_all + tid * private_n, *zbase = x + H, *scores = zbase + zn;
+        float *z[N_PROJ];
+        {
+            float *next = zbase;
+            for (int p = 0; p < N_PROJ; p++) {
+                z[p] = next;
+                next += m->lora[p].a ? m->lora[p].kp : 0;
+            }
+        }
+        const Lora *L = m->lora;
+        for (int64_t layer = 0; layer < m->layers; layer++) {
+            /* attention: q/k/v with their blocks */
+            rms_norm(h, m->ln_in[layer], m->eps, H, x);
+            for (int p = Q; p <= V; p++)
+                if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
+            const float *w = m->qkv[layer], *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < QKV; o++) {
+                float v = dot(w + o * H, x, H) + (bias ? bias[o] : 0.0f);
+                if (o < QD) {
+                    if (L[Q].a) v += lora_out(&L[Q], layer, QD, z[Q], o);
+                } else if (o < QD + KD) {
+                    if (L[K].a) v += lora_out(&L[K], layer, KD, z[K], o - QD);
+                } else if (L[V].a) {
+                    v += lora_out(&L[V], layer, KD, z[V], o - QD - KD);
+                }
+                qkv[o] = v;
+            }
+            float *nk = s->new_k + layer * KD, *nv = s->new_v + layer * KD;
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < NH + NKV; j++) {
+                if (j < NH) {
+                    rope(qkv + j * D, s->cos, s->sin, D, qrot + j * D);
+                } else {
+                    int64_t g = j - NH;
+                    rope(qkv + QD + g * D, s->cos, s->sin, D, nk + g * D);
+                    memcpy(nv + g * D, qkv + QD + KD + g * D, sizeof(float) * D);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t hh = 0; hh < NH; hh++) {
+                const int64_t g = hh / group;
+                const float *q = qrot + hh * D;
+                const float *kc = s->keys + layer * s->layer_stride + g * s->head_stride;
+                const float *vc = s->values + layer * s->layer_stride + g * s->head_stride;
+                float top = -INFINITY;
+                for (int64_t c = start; c <= pos; c++) {
+                    const float *k = c < pos ? kc + c * s->column_stride : nk + g * D;
+                    float sc = dot(k, q, D) * scale;
+                    scores[c] = sc;
+                    top = sc > top ? sc : top;
+                }
+                float total = 0.0f;
+                for (int64_t c = start; c <= pos; c++) {
+                    scores[c] = expf(scores[c] - top);
+                    total += scores[c];
+                }
+                float *out = attn + hh * D;
+                for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+                for (int64_t c = start; c <= pos; c++) {
+                    const float *v = c < pos ? vc + c * s->column_stride : nv + g * D;
+                    const float p = scores[c] / total;
+                    for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
+                }
+            }
+            if (L[O].a) lora_in(&L[O], layer, QD, attn, z[O]);
+            w = m->o[layer];
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) {
+                float v = dot(w + o * QD, attn, QD);
+                if (L[O].a) v += lora_out(&L[O], layer, H, z[O], o);
+                h[o] += v;
+            }
+            /* MLP: gate and up of one output together, then down */
+            rms_norm(h, m->ln_post[layer], m->eps, H, x);
+            for (int p = GATE; p <= UP; p++)
+                if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
+            w = m->gate_up[layer];
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < I; o++) {
+                float g = dot(w + o * H, x, H), u = dot(w + (I + o) * H, x, H);
+                if (L[GATE].a) g += lora_out(&L[GATE], layer, I, z[GATE], o);
+                if (L[UP].a) u += lora_out(&L[UP], layer, I, z[UP], o);
+                y[o] = silu(g) * u;
+            }
+            if (L[DOWN].a) lora_in(&L[DOWN], layer, I, y, z[DOWN]);
+            w = m->down[layer];
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) {
+                float v = dot(w + o * I, y, I);
+                if (L[DOWN].a) v += lora_out(&L[DOWN], layer, H, z[DOWN], o);
+                h[o] += v;
+            }
+        }
+        rms_norm(h, m->norm, m->eps, H, x);
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < m->vocab; o++) s->logits[o] = dot(m->head + o * H, x, H);
+    }
+    free(shared);
+    free(private_all);
+    return 0;
+}

@@ -1,0 +1,232 @@
+"""The native batch-1 decode step: `neeko/csrc/decode_one.c`, built at first use.
+
+One row's decode step, fp32 weights on the CPU, is one OpenMP parallel region in C that
+streams every weight once (see the source's header). It computes what
+`StaticDecoder._forward` computes for one row, and `StaticDecoder` calls it instead of
+the compiled graph for batch-1 buckets. The library is compiled with the system C
+compiler (`$CC`, else `cc`) into Neeko's cache, keyed by the source, the flags, the
+compiler and the CPU; where none can be built (no compiler, `NEEKO_NATIVE=0`) the
+compiled graph runs instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from neeko.model import cache_dir
+
+if TYPE_CHECKING:
+    from neeko.compiled import LoRAInputs, StaticDecoder
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_one.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""In the order of the source's `enum`."""
+log = logging.getLogger(__name__)
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class _Lora(ctypes.Structure):
+    _fields_ = (("a", _P), ("b", _P), ("w", _P), ("kp", _I))
+
+
+class _Model(ctypes.Structure):
+    _fields_ = (
+        *((name, _I) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim")),
+        *((name, _I) for name in ("inter", "vocab", "window", "threads")),
+        ("eps", ctypes.c_float),
+        *((name, _P) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "ln_in")),
+        *((name, _P) for name in ("ln_post", "norm", "head", "embed")),
+        ("lora", _Lora * len(PROJECTIONS)),
+    )
+
+
+class _Step(ctypes.Structure):
+    _fields_ = (
+        ("token", _I),
+        ("position", _I),
+        *((name, _P) for name in ("cos", "sin", "keys", "values")),
+        *((name, _I) for name in ("layer_stride", "head_stride", "column_stride")),
+        *((name, _P) for name in ("logits", "new_k", "new_v")),
+    )
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library (built now if need be), or None where it cannot be built."""
+    if os.environ.get("NEEKO_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu().encode()])
+        ).hexdigest()[:16]
+        target = cache_dir() / "native" / f"decode_one-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run(
+                    [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=300,
+                )
+                os.replace(built, target)  # atomic: concurrent builders all end up here
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("native decode step unavailable (%s); using the compiled graph", detail)
+        return None
+    lib.neeko_decode_one.argtypes = (ctypes.POINTER(_Model), ctypes.POINTER(_Step))
+    lib.neeko_decode_one.restype = ctypes.c_int
+    return lib
+
+
+def _cpu() -> str:
+    """What `-march=native` depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def supports(decoder: StaticDecoder) -> bool:
+    """Whether the native step reproduces `decoder` (fp32 weights on the CPU, SiLU MLP)."""
+    return (
+        decoder.device.type == "cpu"
+        and decoder.weights == "fp32"
+        and decoder.dtype == torch.float32
+        and decoder.act_name == "silu"
+        and decoder.n_heads % decoder.n_kv == 0
+    )
+
+
+class NativeStep:
+    """`StaticDecoder`'s step for one row, through the native library."""
+
+    def __init__(self, decoder: StaticDecoder, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self.decoder = decoder
+        layers = decoder.layers
+        self._keep: list[object] = []  # everything the structs point into
+        self._lora_src: LoRAInputs | None = None
+        self._lora_kept: list[Tensor] = []
+
+        def table(tensors: list[Tensor]) -> int:
+            for t in tensors:
+                if not t.is_contiguous() or t.dtype != torch.float32:
+                    raise ValueError("native step needs contiguous fp32 weights")
+            array = (_P * len(tensors))(*(t.data_ptr() for t in tensors))
+            self._keep.append((tensors, array))
+            return ctypes.addressof(array)
+
+        head = decoder.head
+        self.model = _Model(
+            layers=decoder.n_layers,
+            hidden=decoder.embed.shape[1],
+            heads=decoder.n_heads,
+            kv_heads=decoder.n_kv,
+            head_dim=decoder.head_dim,
+            inter=layers[0].inter,
+            vocab=head.weight.shape[0],
+            window=decoder.window,
+            threads=torch.get_num_threads(),
+            eps=decoder.eps,
+            qkv=table([layer.qkv.weight for layer in layers]),
+            qkv_bias=table([layer.qkv.bias for layer in layers])
+            if layers[0].qkv.bias is not None
+            else None,
+            o=table([layer.o.weight for layer in layers]),
+            gate_up=table([layer.gate_up.weight for layer in layers]),
+            down=table([layer.down.weight for layer in layers]),
+            ln_in=table([layer.ln_in for layer in layers]),
+            ln_post=table([layer.ln_post for layer in layers]),
+            norm=decoder.norm.data_ptr(),
+            head=head.weight.data_ptr(),
+            embed=decoder.embed.data_ptr(),
+        )
+        if any(getattr(layer, n).bias is not None for layer in layers for n in ("o", "down")):
+            raise ValueError("native step has no bias on o_proj or down_proj")
+        if any(layer.gate_up.bias is not None for layer in layers) or head.bias is not None:
+            raise ValueError("native step has no bias on gate/up or the head")
+        if not decoder.embed.is_contiguous() or not head.weight.is_contiguous():
+            raise ValueError("native step needs contiguous embedding and head weights")
+
+    def _set_lora(self, lora: LoRAInputs | None) -> None:
+        """Point the model's block slots at row 0 of `lora` (kept until the next gates)."""
+        dec, kept = self.decoder, []
+        for i, name in enumerate(PROJECTIONS):
+            slot = self.model.lora[i]
+            if lora is None or name not in dec.targets:
+                slot.a = slot.b = slot.w = None
+                slot.kp = 0
+                continue
+            j = dec.targets.index(name)
+            a, b = lora.a[j][:, 0].contiguous(), lora.b[j][:, 0].contiguous()
+            w = lora.w[0].contiguous()
+            kept += (a, b, w)
+            slot.a, slot.b, slot.w, slot.kp = a.data_ptr(), b.data_ptr(), w.data_ptr(), a.shape[1]
+        self._lora_src, self._lora_kept = lora, kept
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        lora: LoRAInputs | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """As `StaticDecoder.step` for one row: logits (1, vocab), new keys and values."""
+        m = self.model
+        position = int(positions[0])
+        if position >= keys.shape[3] or keys.stride(4) != 1 or values.stride() != keys.stride():
+            raise ValueError("native step needs the cache layout of `StaticDecoder.step`")
+        if lora is not self._lora_src:
+            self._set_lora(lora)
+        cos_row, sin_row = cos[position].contiguous(), sin[position].contiguous()
+        logits = torch.empty(1, m.vocab)
+        new_k = torch.empty(m.layers, 1, m.kv_heads, m.head_dim)
+        new_v = torch.empty_like(new_k)
+        step = _Step(
+            token=int(tokens[0]),
+            position=position,
+            cos=cos_row.data_ptr(),
+            sin=sin_row.data_ptr(),
+            keys=keys.data_ptr(),
+            values=values.data_ptr(),
+            layer_stride=keys.stride(0),
+            head_stride=keys.stride(2),
+            column_stride=keys.stride(3),
+            logits=logits.data_ptr(),
+            new_k=new_k.data_ptr(),
+            new_v=new_v.data_ptr(),
+        )
+        if self.lib.neeko_decode_one(ctypes.byref(m), ctypes.byref(step)):
+            raise MemoryError("native decode step: out of memory")
+        return logits, new_k, new_v

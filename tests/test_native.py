@@ -1,0 +1,112 @@
+"""The native batch-1 decode step against the reference step it stands in for."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from neeko import native
+from neeko.compiled import StaticDecoder
+from neeko.engine import Engine, GenerationRequest, SamplingParams
+from neeko.lora import BankConfig, LoRABank
+from neeko.model import LoadedModel
+
+# Sizes that are not multiples of the vector width, so every tail loop runs.
+ODD = {
+    "hidden_size": 72,
+    "intermediate_size": 100,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def _model(kind: str, tiny: LoadedModel) -> LoadedModel:
+    """The tiny Llama, or a small Qwen2 (q/k/v biases) or Mistral (a sliding window of 8)."""
+    if kind == "llama":
+        return tiny
+    vocab = tiny.model.config.vocab_size
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **ODD))
+        for layer in model.model.layers:  # biases start at zero: make them count
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    else:
+        model = MistralForCausalLM(MistralConfig(vocab_size=vocab, sliding_window=8, **ODD))
+    return LoadedModel(model.eval().requires_grad_(False), tiny.tokenizer, kind)
+
+
+def _decoder(loaded: LoadedModel, targets: tuple[str, ...]) -> tuple[StaticDecoder, LoRABank]:
+    bank = LoRABank(loaded.model, BankConfig(targets=targets))
+    bank.add_blocks(3, init="random", generator=torch.Generator().manual_seed(3), b_scale=0.5)
+    dec = StaticDecoder(loaded, compile=False, native=True)
+    assert dec.native is not None
+    return dec, bank
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("all-linear",)])
+@pytest.mark.parametrize("gate", [None, {1: 1.0}, {0: 0.25, 2: 0.75}])
+def test_native_step_equals_the_reference_step(tiny, kind, targets, gate):
+    """Logits and new keys/values of one row, at positions before and past a window."""
+    dec, bank = _decoder(_model(kind, tiny), targets)
+    gen = torch.Generator().manual_seed(1)
+    slots, columns = 3, 32  # the row is slot 0 of a wider cache, as in a running batch
+    shape = (dec.n_layers, slots, dec.n_kv, columns, dec.head_dim)
+    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    lora = None if gate is None else dec.lora_inputs(bank.routing([gate], path="gathered"), 1)
+    for position in (0, 1, 7, 20, columns - 1):
+        tokens, positions = torch.tensor([17 + position]), torch.tensor([position])
+        cos, sin = (t[: columns + 1] for t in dec.rope(columns + 1))
+        args = (tokens, positions, keys[:, :1], values[:, :1], cos, sin)
+        with torch.inference_mode():
+            got = dec.native(*args, lora)
+            a, b, w = (lora.a, lora.b, lora.w) if lora is not None else ((), (), None)
+            want = dec._forward(*args, a, b, w)
+        for g, x in zip(got, want, strict=True):
+            assert g.shape == x.shape
+            assert torch.allclose(g, x, atol=2e-5, rtol=1e-4), (position, (g - x).abs().max())
+
+
+def test_engine_tokens_with_and_without_the_native_step(tiny):
+    """Greedy replies of single rows (a character, a mix, the base model) are the same."""
+    replies = []
+    for use in (False, True):
+        loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.name)
+        bank = LoRABank(loaded.model)
+        bank.add_blocks(3, init="random", generator=torch.Generator().manual_seed(7), b_scale=0.5)
+        engine = Engine(loaded, bank, decode="compiled")
+        engine.decoder = StaticDecoder(loaded, compile=False, native=use)
+        assert (engine.decoder.native is not None) == use
+        greedy = SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True)
+        replies.append(
+            [
+                engine.generate(
+                    [GenerationRequest([{"role": "user", "content": "sea"}], g, greedy)]
+                )
+                for g in ({0: 1.0}, {1: 0.5, 2: 0.5}, None)
+            ]
+        )
+    tokens = [[r[0].token_ids for r in run] for run in replies]
+    assert tokens[0] == tokens[1]
+    assert all(len(t) == 300 for t in tokens[1])  # past the first length bucket (256)
+
+
+def test_without_a_compiler_the_graph_runs(tiny, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="neeko.native"):
+            dec = StaticDecoder(tiny, compile=False, native=True)
+        assert dec.native is None
+        assert "native decode step unavailable" in caplog.text
+    finally:
+        native.library.cache_clear()
+
+
+def test_lower_precision_weights_keep_the_graph(tiny):
+    assert StaticDecoder(tiny, weights="bf16", compile=False, native=True).native is None
