@@ -415,34 +415,25 @@ def pretune(
     shared_examples = anonymous or examples
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = partial(train_blocks, rt.loaded, rt.bank, examples, cfg, progress=progress, shared=shared)
+    shared_stage = partial(
+        train_blocks,
+        rt.loaded,
+        rt.bank,
+        shared_examples,
+        cfg,
+        ckpt and ckpt / "shared",
+        progress,
+        shared=shared,
+        train_own=False,
+        train_shared=True,
+    )
     if new_shared and cfg.schedule == "staged":
-        first = train_blocks(
-            rt.loaded,
-            rt.bank,
-            shared_examples,
-            cfg,
-            ckpt and ckpt / "shared",
-            progress,
-            shared=shared,
-            train_own=False,
-            train_shared=True,
-        )
+        first = shared_stage()
         then = run(ckpt and ckpt / "own")
         report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     elif new_shared and cfg.schedule == "own-first":
         first = run(ckpt and ckpt / "own", shared=())
-        then = train_blocks(
-            rt.loaded,
-            rt.bank,
-            shared_examples,
-            cfg,
-            ckpt and ckpt / "shared",
-            progress,
-            shared=shared,
-            train_own=False,
-            train_shared=True,
-            own_in_gate=True,
-        )
+        then = shared_stage(own_in_gate=True)
         report = TrainReport(first.steps + then.steps, first.losses + then.losses)
     else:
         report = run(ckpt, train_shared=new_shared)

@@ -95,6 +95,19 @@ static inline float lora_out(const Lora *l, int64_t layer, int64_t d_out, const 
     return s;
 }
 
+/* h += W x (+ its blocks' term), W (out, n); a worksharing loop inside the parallel region
+ * (ends with a barrier). `z` is the calling thread's scratch for the blocks' inputs. */
+static void add_projection(const float *w, const float *x, int64_t n, const Lora *l,
+                           int64_t layer, float *z, int64_t out, float *h) {
+    if (l->a) lora_in(l, layer, n, x, z);
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        float v = dot(w + o * n, x, n);
+        if (l->a) v += lora_out(l, layer, out, z, o);
+        h[o] += v;
+    }
+}
+
 static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
     int64_t half = d / 2;
     for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
@@ -199,14 +212,7 @@ int neeko_decode_one(const Model *m, const Step *s) {
                     for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
                 }
             }
-            if (L[O].a) lora_in(&L[O], layer, QD, attn, z[O]);
-            w = m->o[layer];
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) {
-                float v = dot(w + o * QD, attn, QD);
-                if (L[O].a) v += lora_out(&L[O], layer, H, z[O], o);
-                h[o] += v;
-            }
+            add_projection(m->o[layer], attn, QD, &L[O], layer, z[O], H, h);
             /* MLP: gate and up of one output together, then down */
             rms_norm(h, m->ln_post[layer], m->eps, H, x);
             for (int p = GATE; p <= UP; p++)
@@ -219,14 +225,7 @@ int neeko_decode_one(const Model *m, const Step *s) {
                 if (L[UP].a) u += lora_out(&L[UP], layer, I, z[UP], o);
                 y[o] = silu(g) * u;
             }
-            if (L[DOWN].a) lora_in(&L[DOWN], layer, I, y, z[DOWN]);
-            w = m->down[layer];
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) {
-                float v = dot(w + o * I, y, I);
-                if (L[DOWN].a) v += lora_out(&L[DOWN], layer, H, z[DOWN], o);
-                h[o] += v;
-            }
+            add_projection(m->down[layer], y, I, &L[DOWN], layer, z[DOWN], H, h);
         }
         rms_norm(h, m->norm, m->eps, H, x);
 #pragma omp for schedule(static)
