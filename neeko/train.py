@@ -72,8 +72,9 @@ class TrainConfig:
     shared_prompt: SharedPrompt = "card"
     """What system prompt the shared block's own stage (staged, own-first) trains under:
     `card`, each character's; `anonymous`, one prompt that names no one
-    (`ANONYMOUS_PROMPT`), so the shared block learns what the characters share and each
-    own block has to carry its character's voice."""
+    (`ANONYMOUS_PROMPT`), so the shared block cannot tie a voice to a card. On the
+    Shakespeare corpus (staged) it matches `card` (3.963 nats) and tells the voices apart
+    barely better (0.225 vs 0.20; README, "Measured on a real corpus")."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
