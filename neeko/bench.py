@@ -25,6 +25,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from neeko import model as model_lib
+from neeko import native
 from neeko.compiled import length_bucket
 from neeko.engine import (
     DecodeBatch,
@@ -169,10 +170,13 @@ def run_engine_bench(
         "lowp_b1": (compiled_lowp, k[1][:1], []),
         "lowp_k8_b16": (compiled_lowp, k[8], []),
     }
-    read = partial(_read, torch.ones(READ_BYTES // 4, device=base.device))
-    med, read_s = _lockstep(configs, new_tokens, rounds, probe=read)
-    del read  # the buffer
-    read_gb_s = READ_BYTES / read_s / 1e9
+    probes = {"buffer": partial(_read, torch.ones(READ_BYTES // 4, device=base.device))}
+    weights_read, weights_read_bytes = _weights_reader(compiled)
+    if weights_read is not None:
+        probes["weights"] = weights_read
+    med, probed = _lockstep(configs, new_tokens, rounds, probes)
+    del probes  # the buffer
+    read_gb_s = READ_BYTES / probed["buffer"] / 1e9
     _log("compiled vs eager tokens, and the low-precision NLL change")
     weight_gb = _weight_bytes(base.loaded.model) / 1e9
     tokens_identical = _compiled_vs_eager(compiled, ours, new_tokens)
@@ -215,6 +219,12 @@ def run_engine_bench(
         "read_gb_s": round(read_gb_s, 2),
         "weight_gb": round(weight_gb, 4),
     }
+    if "weights" in probed:  # the floor read from the decoder's own weights' memory
+        weights_gb_s = weights_read_bytes / probed["weights"] / 1e9
+        out["weights_read_gb_s"] = round(weights_gb_s, 2)
+        out["decode_b1_vs_weights_read"] = round(
+            med["compiled_b1"].tok_s / (weights_gb_s / weight_gb), 4
+        )
     out |= nll
     out |= followup
     out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
@@ -240,6 +250,26 @@ def _read(buffer: torch.Tensor) -> None:
     _sync(buffer.device)
     buffer.sum()
     _sync(buffer.device)
+
+
+def _weights_reader(compiled: Engine) -> tuple[Callable[[], object] | None, int]:
+    """A read of every weight the compiled batch-1 step streams, from their own memory.
+
+    A 1 GiB buffer's read speed varies with where it lands (on the 2-core VM we measure on,
+    31-53 GB/s from one process to the next while the decode step's speed held), so the
+    floor is also measured on the weights themselves, in the native step's pattern.
+    Returns the read and its bytes; (None, 0) without the native library.
+    """
+    dec = compiled.decoder
+    lib = native.library() if dec is not None and dec.native is not None else None
+    if lib is None:
+        return None, 0
+    seen, tensors = set(), []
+    for t in dec.buffers():
+        if t.dtype == torch.float32 and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors.append(t)
+    return native.reader(tensors, lib), sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _sync(device: torch.device) -> None:
@@ -335,15 +365,19 @@ def _stepwise_nll(
 
 
 def _lockstep(
-    configs: dict[str, Config], new_tokens: int, rounds: int, probe: Callable[[], object]
-) -> tuple[dict[str, Timing], float]:
+    configs: dict[str, Config],
+    new_tokens: int,
+    rounds: int,
+    probes: dict[str, Callable[[], object]],
+) -> tuple[dict[str, Timing], dict[str, float]]:
     """Decode all configurations in lockstep, one step of each in turn; medians per config.
 
     Interleaving single decode steps means a slow moment of the machine hits every
-    configuration alike; `probe` (the memory-bandwidth read) runs once per turn too, and
-    its median time comes back with the timings. Round 0 is the warm-up and is not counted.
+    configuration alike; each of `probes` (memory-bandwidth reads) runs once per turn too,
+    and their median times come back with the timings. Round 0 is the warm-up and is not
+    counted.
     """
-    probes: list[float] = []
+    probe_s: dict[str, list[float]] = {name: [] for name in probes}
     steps: dict[str, list[float]] = {name: [] for name in configs}
     prefill: dict[str, list[float]] = {name: [] for name in configs}
     for r in range(rounds + 1):
@@ -363,17 +397,17 @@ def _lockstep(
                     steps[name].append(time.perf_counter() - t0)
                 if not running:
                     del live[name]
-            if r:
+            for name, probe in probes.items() if r else ():
                 t0 = time.perf_counter()
                 probe()
-                probes.append(time.perf_counter() - t0)
+                probe_s[name].append(time.perf_counter() - t0)
     timings = {
         name: Timing(
             len(configs[name][1]), statistics.median(steps[name]), statistics.median(prefill[name])
         )
         for name in configs
     }
-    return timings, statistics.median(probes)
+    return timings, {name: statistics.median(ts) for name, ts in probe_s.items()}
 
 
 def _median(ts: list[Timing]) -> Timing:

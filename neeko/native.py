@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,7 +99,28 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.neeko_decode_one.argtypes = (ctypes.POINTER(_Model), ctypes.POINTER(_Step))
     lib.neeko_decode_one.restype = ctypes.c_int
+    lib.neeko_read.argtypes = (_P, _P, _I, _I)
+    lib.neeko_read.restype = ctypes.c_double
     return lib
+
+
+def reader(tensors: list[Tensor], lib: ctypes.CDLL) -> Callable[[], float]:
+    """A function that reads every byte of `tensors` (contiguous fp32) once and sums them.
+
+    One parallel region, array after array, as the native step streams its weights: the
+    read a decode step of these weights cannot beat.
+    """
+    if any(not t.is_contiguous() or t.dtype != torch.float32 for t in tensors):
+        raise ValueError("reader needs contiguous fp32 tensors")
+    arrays = (_P * len(tensors))(*(t.data_ptr() for t in tensors))
+    sizes = (_I * len(tensors))(*(t.numel() for t in tensors))
+    threads = torch.get_num_threads()
+
+    def read() -> float:
+        _ = tensors  # keep the memory alive as long as the reader
+        return lib.neeko_read(arrays, sizes, len(tensors), threads)
+
+    return read
 
 
 def _cpu() -> str:

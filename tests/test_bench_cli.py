@@ -60,6 +60,9 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["read_gb_s"] > 0
     assert result["lowp"] == "int4"
     assert result["b1_step"] == "native"  # the C compiler inductor needs builds it too
+    assert result["weights_read_gb_s"] > 0
+    ratio = result["tok_s_compiled_b1"] / (result["weights_read_gb_s"] / result["weight_gb"])
+    assert result["decode_b1_vs_weights_read"] == pytest.approx(ratio, rel=1e-2)
     ratio = result["ttft_ms_followup_reused"] / result["ttft_ms_followup_full"]
     assert result["ttft_followup_vs_full"] == pytest.approx(ratio, rel=1e-2)
 

@@ -110,3 +110,14 @@ def test_without_a_compiler_the_graph_runs(tiny, monkeypatch, caplog):
 
 def test_lower_precision_weights_keep_the_graph(tiny):
     assert StaticDecoder(tiny, weights="bf16", compile=False, native=True).native is None
+
+
+def test_the_floor_reader_reads_every_float_once():
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.rand(n, generator=gen) for n in (1, 31, 4096, 4097, 10_000)]
+    want = sum(float(t.double().sum()) for t in tensors)
+    assert native.reader(tensors, lib)() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.reader([torch.ones(4, 4).t()], lib)

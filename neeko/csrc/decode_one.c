@@ -235,3 +235,36 @@ int neeko_decode_one(const Model *m, const Step *s) {
     free(private_all);
     return 0;
 }
+
+/* Reads every float of `n` arrays once, array after array, as a decode step streams its
+ * weights (one parallel region, rows split over the threads, a barrier after each array);
+ * returns their sum so the reads cannot be skipped. The benchmarks' floor for the step. */
+double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
+                  int64_t threads) {
+    double total = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        for (int64_t k = 0; k < n; k++) {
+            const float *a = arrays[k];
+            const int64_t chunks = (sizes[k] + 4095) / 4096;
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t lo = c * 4096, len = sizes[k] - lo < 4096 ? sizes[k] - lo : 4096;
+                vf a0 = {0}, a1 = {0}, v0, v1;
+                int64_t i = 0;
+                for (; i + 2 * LANES <= len; i += 2 * LANES) {
+                    memcpy(&v0, a + lo + i, sizeof v0);
+                    memcpy(&v1, a + lo + i + LANES, sizeof v1);
+                    a0 += v0;
+                    a1 += v1;
+                }
+                a0 += a1;
+                float s = 0.0f;
+                for (int l = 0; l < LANES; l++) s += a0[l];
+                for (; i < len; i++) s += a[lo + i];
+                total += s;
+            }
+        }
+    }
+    return total;
+}
