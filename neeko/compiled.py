@@ -44,7 +44,7 @@ from neeko import native as native_lib
 from neeko.errors import GenerationError
 from neeko.lora import BlockLoRALinear, Routing
 from neeko.model import LoadedModel
-from neeko.native import NativeStep
+from neeko.native import PROJECTIONS, NativeStep
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 """`config.model_type`s whose decoder layer this step reproduces."""
@@ -54,7 +54,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """Row counts a step is compiled for (a batch runs in the smallest bucket that holds it)."""
 LENGTH_BUCKET = 256
 """KV columns a step reads are rounded up to a multiple of this."""
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WeightDtype = str
 """`fp32` (the model's own), `bf16`, `int8` (per output row) or `int4` (groups of 32);
 weight-only: activations, norms, attention and the blocks stay in the model's dtype."""

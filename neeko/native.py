@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).parent / "csrc" / "decode_one.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""In the order of the source's `enum`."""
+"""The linear layers of a decoder layer, in the order of the source's `enum`."""
 log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
