@@ -317,7 +317,7 @@ def _lowp_nll(
     from neeko.train import character_examples
 
     catalog = Catalog.open(CAST_STORE)
-    if catalog.model != spec or catalog.shared_rank:
+    if catalog.model != spec or catalog.shared_rank or catalog.rank != bank.config.rank:
         return {}
     totals = {"fp32": [0.0, 0], "lowp": [0.0, 0]}
     for member in read_cast():

@@ -46,6 +46,7 @@ from neeko.characters import (
 )
 from neeko.errors import CardError
 from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate, top_k_softmax
+from neeko.lora import DEFAULT_RANK
 from neeko.protocol import CatalogEvent
 
 MANIFEST = "manifest.json"
@@ -78,6 +79,7 @@ class _Manifest(BaseModel):
     characters: list[_Entry]
     retired: list[str] = Field(default_factory=list)
     shared_rank: int = Field(0, ge=0, le=4096)
+    rank: int = Field(DEFAULT_RANK, ge=1, le=256)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Catalog:
         self.model = ""
         """Base model the blocks were trained on (a block only fits that model)."""
         self._shared_rank = 0
+        self._rank = DEFAULT_RANK
         self._chars: dict[str, Character] = {}
         self._retired: set[str] = set()
         self._embeddings: dict[str, Tensor] = {}
@@ -140,6 +143,12 @@ class Catalog:
         catalog = cls(folder, manifest.encoder)
         catalog.model = manifest.model
         catalog._shared_rank = manifest.shared_rank
+        catalog._rank = manifest.rank
+        if manifest.shared_rank % manifest.rank:
+            raise CatalogError(
+                f"{path}: shared_rank {manifest.shared_rank} is not a multiple of the block "
+                f"rank {manifest.rank}"
+            )
         catalog._retired = {check_key(k) for k in manifest.retired}
         for i, entry in enumerate(manifest.characters):
             catalog._restore_entry(entry, f"{path}: characters[{i}]")
@@ -191,6 +200,7 @@ class Catalog:
                 "characters": [_entry(c) for c in self._chars.values()],
                 "retired": sorted(self._retired),
                 **({"shared_rank": self._shared_rank} if self._shared_rank else {}),
+                **({"rank": self._rank} if self._rank != DEFAULT_RANK else {}),
             }
         text = json.dumps(manifest, indent=2, ensure_ascii=False)
         _atomic(self.folder / MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
@@ -199,6 +209,22 @@ class Catalog:
     def shared_rank(self) -> int:
         """Rank of the store's shared block (0: none; every gate is the character's own)."""
         return self._shared_rank
+
+    @property
+    def rank(self) -> int:
+        """Rank of every block of the store (the shared block is a multiple of it)."""
+        return self._rank
+
+    def set_rank(self, rank: int) -> None:
+        """Set the blocks' rank; only while the store has no block of another rank."""
+        with self._lock:
+            if rank == self._rank:
+                return
+            if not 1 <= rank <= 256:
+                raise CatalogError(f"block rank must be 1..256, got {rank}")
+            if self.trained() or self._shared_rank:
+                raise CatalogError(f"the store's blocks have rank {self._rank}, not {rank}")
+            self._rank = rank
 
     def shared_path(self) -> Path:
         """Where the shared block lives: inside the store, never through a link."""

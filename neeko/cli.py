@@ -237,6 +237,12 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="data order seed")
     p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="rank of each character's block in a new store (default: 4; a store keeps its own)",
+    )
+    p.add_argument(
         "--shared-rank",
         type=int,
         default=defaults["shared_rank"],
@@ -269,6 +275,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
         batch_size=args.batch_size,
         max_steps=args.max_steps,
         seed=args.seed,
+        rank=args.rank,
         shared_rank=args.shared_rank,
         schedule=args.schedule,
         shared_prompt=args.shared_prompt,

@@ -42,15 +42,17 @@ BLOCK_VERSION = "1"
 ALL_LINEAR = "all-linear"
 BLOCK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The tensor dtypes a block may hold; anything else is refused, never converted."""
+DEFAULT_RANK = 4
+DEFAULT_ALPHA = 32.0
 
 
 @dataclass(frozen=True)
 class BankConfig:
     """Hyper-parameters of the block bank (defaults follow the Neeko paper)."""
 
-    rank: int = 4
+    rank: int = DEFAULT_RANK
     """p, the rank of every block."""
-    alpha: float = 32.0
+    alpha: float = DEFAULT_ALPHA
     """LoRA alpha; a block's update is scaled by alpha / rank."""
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     """Names of the linear layers to wrap, matched on the last name part; ("all-linear",)
@@ -74,6 +76,11 @@ class BankConfig:
     def scale(self) -> float:
         """Alpha / rank."""
         return self.alpha / self.rank
+
+    @classmethod
+    def for_rank(cls, rank: int) -> BankConfig:
+        """Blocks of `rank` at the default scale (alpha grows with the rank)."""
+        return cls(rank=rank, alpha=DEFAULT_ALPHA * rank / DEFAULT_RANK)
 
 
 class Routing:

@@ -118,7 +118,7 @@ def open_runtime(
             f"{store}: blocks were trained on model {catalog.model!r}, not {model!r}"
         )
     loaded = model_lib.load(model, device=device)
-    bank = LoRABank(loaded.model, BankConfig())
+    bank = LoRABank(loaded.model, BankConfig.for_rank(catalog.rank))
     rt = Runtime(catalog, loaded, bank, Engine(loaded, bank, decode=decode, weights=weights))
     rt.load_shared()
     for char in catalog.trained():
@@ -127,9 +127,9 @@ def open_runtime(
 
 
 def empty_runtime(catalog: Catalog, model: str = "default", device: str | None = None) -> Runtime:
-    """`model` with an empty bank, for `catalog` (a store to train)."""
+    """`model` with an empty bank of `catalog.rank` blocks, for `catalog` (a store to train)."""
     loaded = model_lib.load(model, device=device)
-    bank = LoRABank(loaded.model, BankConfig())
+    bank = LoRABank(loaded.model, BankConfig.for_rank(catalog.rank))
     return Runtime(catalog, loaded, bank, Engine(loaded, bank))
 
 

@@ -20,7 +20,7 @@ from neeko.characters import CAST_DIR, SHARED, CatalogError, read_cast
 from neeko.dialogues import Dialogue, read_dialogues
 from neeko.evaluate import Shared, evaluate
 from neeko.gating import GateConfig
-from neeko.lora import BankConfig, LoRABank
+from neeko.lora import DEFAULT_RANK, BankConfig, LoRABank
 from neeko.model import cache_dir
 from neeko.runtime import CAST_STORE, Runtime, empty_runtime, open_runtime
 from neeko.train import TrainConfig, TrainReport, character_examples, expand, pretune, train_blocks
@@ -35,7 +35,7 @@ def train_cast(
 ) -> tuple[Catalog, TrainReport]:
     """Pre-tune the starter cast from scratch into `store` (one block per member)."""
     members = [(m.card, read_dialogues(m.train)) for m in read_cast()]
-    rt = empty_runtime(Catalog(store), model, device)
+    rt = empty_runtime(_new_catalog(store, config), model, device)
     report = pretune(rt, members, config, checkpoint_dir)
     return rt.catalog, report
 
@@ -82,13 +82,13 @@ def shared_baseline(
     """One LoRA trained on every member's data with `config` (the LoRA-Mix baseline).
 
     Its rank defaults to the total rank of a store pre-tuned with `config`: the shared
-    block plus one block per member, so the comparison is at equal parameters. Cached by
+    block plus one block per member, so the comparison is at equal parameters (at the
+    same alpha / rank as the blocks). Cached by
     content hash of data, model, config and rank; `Shared.path` says where.
     """
     loaded = model_lib.load(model, device=device)
-    p = BankConfig().rank
-    rank = rank or config.shared_rank + p * len(members)
-    bank = LoRABank(loaded.model, BankConfig(rank=rank, alpha=BankConfig().alpha * rank / p))
+    rank = rank or config.shared_rank + (config.rank or DEFAULT_RANK) * len(members)
+    bank = LoRABank(loaded.model, BankConfig.for_rank(rank))
     digest = _digest(members, model, config, rank)
     cached = cache_dir() / "baselines" / f"shared-r{rank}-{digest}.safetensors"
     if cached.exists():
@@ -132,8 +132,15 @@ def train_store(
     if (Path(store) / "manifest.json").exists():
         rt = open_runtime(store, model, device)
     else:
-        rt = empty_runtime(Catalog(store), model, device)
+        rt = empty_runtime(_new_catalog(store, config), model, device)
     return rt.catalog, pretune(rt, members, config, checkpoint_dir)
+
+
+def _new_catalog(store: str | Path, config: TrainConfig | None) -> Catalog:
+    catalog = Catalog(store)
+    if config is not None and config.rank is not None:
+        catalog.set_rank(config.rank)
+    return catalog
 
 
 def eval_store(

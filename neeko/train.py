@@ -59,6 +59,9 @@ class TrainConfig:
     """Seeds data order and nothing else (blocks start from the bank's init)."""
     checkpoint_every: int = 25
     """Steps between checkpoints when a checkpoint folder is given."""
+    rank: int | None = None
+    """Rank of every block of a new store (None: `DEFAULT_RANK`, 4); a store keeps the rank
+    it was first trained with."""
     shared_rank: int = 0
     """Rank of a shared block pre-tuning trains next to the own blocks (0: none). A multiple
     of the blocks' rank, fixed for the store once trained. Off by default: own blocks alone
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.shared_rank < 0:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
+        if self.rank is not None and not 1 <= self.rank <= 256:
+            raise ValueError(f"rank must be 1..256, got {self.rank}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.shared_prompt not in SHARED_PROMPTS:
@@ -401,6 +406,8 @@ def pretune(
         raise TrainingError("two of the characters to train share a name or alias")
     new_shared = cfg.shared_rank > 0 and not rt.shared and not catalog.trained()
     rank = rt.bank.config.rank
+    if cfg.rank is not None and cfg.rank != rank:
+        raise TrainingError(f"the store's blocks have rank {rank}, not {cfg.rank}")
     if new_shared and cfg.shared_rank % rank:
         raise TrainingError(f"shared_rank {cfg.shared_rank} is not a multiple of the rank {rank}")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -440,6 +447,7 @@ def pretune(
         report = run(ckpt, train_shared=new_shared)
     rt.shared = tuple(shared)
     catalog.model = rt.loaded.name
+    catalog.set_rank(rank)
     if new_shared:
         catalog.set_shared(cfg.shared_rank)
         if catalog.folder is not None:
@@ -474,6 +482,8 @@ def expand(
     """
     cfg = config or TrainConfig()
     catalog = rt.catalog
+    if cfg.rank is not None and cfg.rank != rt.bank.config.rank:
+        raise TrainingError(f"the store's blocks have rank {rt.bank.config.rank}, not {cfg.rank}")
     existing = catalog.get(key) if key is not None else None
     if existing is not None and existing.status == "trained":
         raise TrainingError(f"{existing.name} already has a block")
@@ -487,6 +497,7 @@ def expand(
         rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step, shared=rt.shared
     )
     _save_trained(rt, key, block, card.name)
+    catalog.set_rank(rt.bank.config.rank)
     if pending is not None:
         catalog.commit(pending)
     catalog.mark_trained(key)

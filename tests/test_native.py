@@ -40,20 +40,24 @@ def _model(kind: str, tiny: LoadedModel) -> LoadedModel:
     return LoadedModel(model.eval().requires_grad_(False), tiny.tokenizer, kind)
 
 
-def _decoder(loaded: LoadedModel, targets: tuple[str, ...]) -> tuple[StaticDecoder, LoRABank]:
-    bank = LoRABank(loaded.model, BankConfig(targets=targets))
+def _decoder(
+    loaded: LoadedModel, targets: tuple[str, ...], rank: int = 4
+) -> tuple[StaticDecoder, LoRABank]:
+    bank = LoRABank(loaded.model, BankConfig(rank=rank, targets=targets))
     bank.add_blocks(3, init="random", generator=torch.Generator().manual_seed(3), b_scale=0.5)
     dec = StaticDecoder(loaded, compile=False, native=True)
     assert dec.native is not None
     return dec, bank
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize(
+    ("kind", "rank"), [("llama", 4), ("qwen2", 4), ("mistral", 4), ("llama", 1), ("llama", 8)]
+)
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("all-linear",)])
 @pytest.mark.parametrize("gate", [None, {1: 1.0}, {0: 0.25, 2: 0.75}])
-def test_native_step_equals_the_reference_step(tiny, kind, targets, gate):
+def test_native_step_equals_the_reference_step(tiny, kind, rank, targets, gate):
     """Logits and new keys/values of one row, at positions before and past a window."""
-    dec, bank = _decoder(_model(kind, tiny), targets)
+    dec, bank = _decoder(_model(kind, tiny), targets, rank)
     gen = torch.Generator().manual_seed(1)
     slots, columns = 3, 32  # the row is slot 0 of a wider cache, as in a running batch
     shape = (dec.n_layers, slots, dec.n_kv, columns, dec.head_dim)

@@ -1,7 +1,11 @@
-"""The shared block: every character's gate is shared + own; expansion freezes both."""
+"""The shared block: every character's gate is shared + own; expansion freezes both.
+
+The block rank is a store setting too: chosen when a store is first trained, kept after.
+"""
 
 import copy
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -18,6 +22,7 @@ from neeko.errors import BlockFormatError
 from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 from neeko.runtime import empty_runtime, open_runtime
+from neeko.store_ops import shared_baseline, train_store
 from neeko.train import (
     ANONYMOUS_PROMPT,
     TrainConfig,
@@ -261,3 +266,105 @@ def test_cli_exports_a_character_as_one_adapter(tmp_path, capsys):
         assert torch.allclose(peft(IDS).logits, _logits(rt, rt.gate("ash")), atol=1e-4)
     assert main([*args, str(tmp_path / "x"), "--character", "Nobody"]) == 1
     assert "no character is called 'Nobody'" in capsys.readouterr().err
+
+
+RANK8 = dataclasses.replace(STEPS, rank=8, shared_rank=16)
+
+
+def _train(store, config=RANK8, members=MEMBERS):
+    cards = [card for card, _ in members]
+    return train_store(store, cards, [d for _, ds in members for d in ds], "tiny", config)
+
+
+def test_a_store_keeps_the_rank_it_was_first_trained_with(tmp_path):
+    store = tmp_path / "store"
+    _train(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert (manifest["rank"], manifest["shared_rank"]) == (8, 16)
+    rt = open_runtime(store, "tiny")
+    assert rt.bank.config.rank == 8
+    assert rt.bank.config.scale == BankConfig().scale  # alpha grows with the rank
+    assert len(rt.shared) == 2
+    ash = rt.catalog.find("Ash").key
+    for a, b in rt.bank.get_block(rt.slots[ash]).values():
+        assert (a.shape[0], b.shape[1]) == (8, 8)
+    # Training more into it, or expanding it, at another rank is refused; nothing changes.
+    files = {p: p.read_bytes() for p in [store / SHARED_BLOCK, *(store / "blocks").iterdir()]}
+    with pytest.raises(TrainingError, match="rank 8, not 4"):
+        _train(store, dataclasses.replace(RANK8, rank=4), [_member("Ivy", "vine leaf")])
+    card, dialogues = _member("Cedar", "pine resin cone")
+    with pytest.raises(TrainingError, match="rank 8, not 4"):
+        expand(rt, card, dialogues, dataclasses.replace(STEPS, rank=4), progress=False)
+    assert rt.catalog.find("Cedar") is None
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted((store / "blocks").iterdir()) == sorted(
+        p for p in files if p.parent.name == "blocks"
+    )
+    # At the store's rank (or none given) expansion works and the others stay bit-identical.
+    old = _logits(rt, rt.gate(ash))
+    expand(rt, card, dialogues, STEPS, progress=False)
+    again = open_runtime(store, "tiny")
+    assert torch.equal(_logits(again, again.gate(ash)), old)
+    cedar = again.catalog.find("Cedar").key
+    assert again.bank.get_block(again.slots[cedar])[next(iter(again.bank.layers))][0].shape[0] == 8
+
+
+def test_peft_export_of_a_rank_8_character_is_exact(tmp_path, capsys):
+    store = tmp_path / "store"
+    _train(store)
+    rt = open_runtime(store, "tiny")
+    ash = rt.catalog.find("Ash").key
+    folder = export_adapter(rt.bank, rt.gate(ash), tmp_path / "ash")
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 24  # 16 + 8
+    peft = PeftModel.from_pretrained(model_lib.load("tiny").model, str(folder))
+    with torch.inference_mode():
+        assert torch.allclose(peft(IDS).logits, _logits(rt, rt.gate(ash)), atol=1e-4)
+
+
+def test_the_rank_is_checked_when_a_store_is_read_or_set(tmp_path):
+    store = tmp_path / "store"
+    _train(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    catalog = Catalog.open(store)
+    with pytest.raises(CatalogError, match="rank 8, not 4"):
+        catalog.set_rank(4)
+    catalog.set_rank(8)  # the same rank is fine
+    for bad, match in ((12, "not a multiple"), (0, "rank"), (10_000, "rank")):
+        broken = tmp_path / f"broken{bad}"
+        broken.mkdir()
+        key = "shared_rank" if bad == 12 else "rank"
+        (broken / "manifest.json").write_text(json.dumps({**manifest, key: bad}))
+        with pytest.raises(CatalogError, match=match):
+            Catalog.open(broken)
+    with pytest.raises(ValueError, match="rank must be"):
+        TrainConfig(rank=0)
+
+
+def test_the_baseline_has_the_stores_total_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEEKO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = dataclasses.replace(RANK8, max_steps=1)
+    shared = shared_baseline(MEMBERS, "tiny", cfg)
+    assert shared.bank.config.rank == 16 + 8 * len(MEMBERS)
+    assert shared.bank.config.scale == BankConfig().scale
+
+
+def test_cli_train_takes_a_rank(tmp_path, capsys):
+    cards, data = [], tmp_path / "train.jsonl"
+    rows = []
+    for card, dialogues in MEMBERS:
+        path = tmp_path / f"{card.name}.json"
+        path.write_text(json.dumps(card.to_v2()))
+        cards.append(str(path))
+        rows += [
+            {
+                "character": d.character,
+                "messages": [{"role": r, "content": t} for r, t in d.messages],
+            }
+            for d in dialogues
+        ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    store = tmp_path / "store"
+    args = ["train", "--model", "tiny", "--store", str(store), "--cards", *cards]
+    assert main([*args, "--data", str(data), "--max-steps", "1", "--rank", "2"]) == 0
+    assert Catalog.open(store).rank == 2
+    assert open_runtime(store, "tiny").bank.config.rank == 2
