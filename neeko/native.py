@@ -1,12 +1,12 @@
 """The native batch-1 decode step: `neeko/csrc/decode_one.c`, built at first use.
 
-One row's decode step, fp32 weights on the CPU, is one OpenMP parallel region in C that
-streams every weight once (see the source's header). It computes what
-`StaticDecoder._forward` computes for one row, and `StaticDecoder` calls it instead of
-the compiled graph for batch-1 buckets. The library is compiled with the system C
-compiler (`$CC`, else `cc`) into Neeko's cache, keyed by the source, the flags, the
-compiler and the CPU; where none can be built (no compiler, `NEEKO_NATIVE=0`) the
-compiled graph runs instead, with one warning.
+One row's decode step on the CPU, with fp32 weights or int8 ones (one scale per output
+row), is one OpenMP parallel region in C that streams every weight once (see the source's
+header). It computes what `StaticDecoder._forward` computes for one row, and
+`StaticDecoder` calls it instead of the compiled graph for batch-1 buckets. The library is
+compiled with the system C compiler (`$CC`, else `cc`) into Neeko's cache, keyed by the
+source, the flags, the compiler and the CPU; where none can be built (no compiler,
+`NEEKO_NATIVE=0`) the compiled graph runs instead, with one warning.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from torch import Tensor
 from neeko.model import cache_dir
 
 if TYPE_CHECKING:
-    from neeko.compiled import LoRAInputs, StaticDecoder
+    from neeko.compiled import LoRAInputs, StaticDecoder, _Linear
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_one.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+NATIVE_WEIGHTS = ("fp32", "int8")
+"""The weight storages of `neeko.compiled` the native step reads."""
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of a decoder layer, in the order of the source's `enum`."""
 log = logging.getLogger(__name__)
@@ -44,13 +46,18 @@ class _Lora(ctypes.Structure):
     _fields_ = (("a", _P), ("b", _P), ("w", _P), ("kp", _I))
 
 
+class _Mat(ctypes.Structure):
+    _fields_ = (("w", _P), ("scale", _P))
+
+
 class _Model(ctypes.Structure):
     _fields_ = (
         *((name, _I) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim")),
         *((name, _I) for name in ("inter", "vocab", "window", "threads")),
         ("eps", ctypes.c_float),
         *((name, _P) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "ln_in")),
-        *((name, _P) for name in ("ln_post", "norm", "head", "embed")),
+        *((name, _P) for name in ("ln_post", "norm", "embed")),
+        ("head", _Mat),
         ("lora", _Lora * len(PROJECTIONS)),
     )
 
@@ -137,10 +144,10 @@ def _cpu() -> str:
 
 
 def supports(decoder: StaticDecoder) -> bool:
-    """Whether the native step reproduces `decoder` (fp32 weights on the CPU, SiLU MLP)."""
+    """Whether the native step reproduces `decoder` (fp32 or int8 weights on the CPU, SiLU)."""
     return (
         decoder.device.type == "cpu"
-        and decoder.weights == "fp32"
+        and decoder.weights in NATIVE_WEIGHTS
         and decoder.dtype == torch.float32
         and decoder.act_name == "silu"
         and decoder.n_heads % decoder.n_kv == 0
@@ -166,6 +173,11 @@ class NativeStep:
             self._keep.append((tensors, array))
             return ctypes.addressof(array)
 
+        def mats(linears: list[_Linear]) -> int:
+            array = (_Mat * len(linears))(*(self._mat(lin) for lin in linears))
+            self._keep.append(array)
+            return ctypes.addressof(array)
+
         head = decoder.head
         self.model = _Model(
             layers=decoder.n_layers,
@@ -178,25 +190,36 @@ class NativeStep:
             window=decoder.window,
             threads=torch.get_num_threads(),
             eps=decoder.eps,
-            qkv=table([layer.qkv.weight for layer in layers]),
+            qkv=mats([layer.qkv for layer in layers]),
             qkv_bias=table([layer.qkv.bias for layer in layers])
             if layers[0].qkv.bias is not None
             else None,
-            o=table([layer.o.weight for layer in layers]),
-            gate_up=table([layer.gate_up.weight for layer in layers]),
-            down=table([layer.down.weight for layer in layers]),
+            o=mats([layer.o for layer in layers]),
+            gate_up=mats([layer.gate_up for layer in layers]),
+            down=mats([layer.down for layer in layers]),
             ln_in=table([layer.ln_in for layer in layers]),
             ln_post=table([layer.ln_post for layer in layers]),
             norm=decoder.norm.data_ptr(),
-            head=head.weight.data_ptr(),
             embed=decoder.embed.data_ptr(),
+            head=self._mat(head),
         )
+        if not decoder.embed.is_contiguous() or decoder.embed.dtype != torch.float32:
+            raise ValueError("native step needs a contiguous fp32 embedding")
         if any(getattr(layer, n).bias is not None for layer in layers for n in ("o", "down")):
             raise ValueError("native step has no bias on o_proj or down_proj")
         if any(layer.gate_up.bias is not None for layer in layers) or head.bias is not None:
             raise ValueError("native step has no bias on gate/up or the head")
-        if not decoder.embed.is_contiguous() or not head.weight.is_contiguous():
-            raise ValueError("native step needs contiguous embedding and head weights")
+
+    def _mat(self, linear: _Linear) -> _Mat:
+        """`linear`'s weight for the C step: fp32, or int8 with fp32 row scales (kept)."""
+        w = linear.weight
+        if not w.is_contiguous() or w.dtype not in (torch.float32, torch.int8):
+            raise ValueError("native step needs contiguous fp32 or int8 weights")
+        if w.dtype == torch.float32:
+            return _Mat(w.data_ptr(), None)
+        scale = linear.scale.float().contiguous()
+        self._keep.append(scale)
+        return _Mat(w.data_ptr(), scale.data_ptr())
 
     def _set_lora(self, lora: LoRAInputs | None) -> None:
         """Point the model's block slots at row 0 of `lora` (kept until the next gates)."""

@@ -58,7 +58,11 @@ def test_bench_engine_json_on_tiny(capsys):
     ratio = result["tok_s_compiled_b1"] / result["tok_s_gated_b1"]
     assert result["compiled_vs_eager_b1"] == pytest.approx(ratio, rel=1e-2)
     assert result["read_gb_s"] > 0
-    assert result["lowp"] == "int4"
+    by_weights = result["lowp_vs_fp32_b1_by_weights"]
+    assert by_weights.keys() == {"int8", "int4"}
+    assert result["lowp"] == max(by_weights, key=by_weights.get)  # the faster for one user
+    assert result["lowp_vs_fp32_b1"] == by_weights[result["lowp"]]
+    assert result["lowp_b1_step"] == ("native" if result["lowp"] == "int8" else "graph")
     assert result["b1_step"] == "native"  # the C compiler inductor needs builds it too
     assert result["weights_read_gb_s"] > 0
     ratio = result["tok_s_compiled_b1"] / (result["weights_read_gb_s"] / result["weight_gb"])

@@ -58,6 +58,33 @@ def _decoder(
 def test_native_step_equals_the_reference_step(tiny, kind, rank, targets, gate):
     """Logits and new keys/values of one row, at positions before and past a window."""
     dec, bank = _decoder(_model(kind, tiny), targets, rank)
+    _check_steps(dec, dec, bank, gate)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("gate", [None, {0: 0.25, 2: 0.75}])
+def test_int8_native_step_equals_the_reference_on_the_dequantized_weights(tiny, kind, gate):
+    """int8 weights are widened exactly: the step equals fp32 on weight * row scale."""
+    loaded = _model(kind, tiny)
+    dec, bank = _decoder(loaded, ("q_proj", "v_proj"))
+    q8 = StaticDecoder(loaded, weights="int8", compile=False, native=True)
+    assert q8.native is not None
+    with torch.no_grad():
+        for lin8, lin in (
+            *(
+                (getattr(a, n), getattr(b, n))
+                for a, b in zip(q8.layers, dec.layers, strict=True)
+                for n in ("qkv", "o", "gate_up", "down")
+            ),
+            (q8.head, dec.head),
+        ):
+            assert lin8.weight.dtype == torch.int8
+            lin.weight = lin8.weight.float() * lin8.scale.float()[:, None]
+    _check_steps(q8, dec, bank, gate)
+
+
+def _check_steps(dec: StaticDecoder, ref: StaticDecoder, bank: LoRABank, gate) -> None:
+    """`dec.native` against `ref._forward` for one row in slot 0 of a 3-slot cache."""
     gen = torch.Generator().manual_seed(1)
     slots, columns = 3, 32  # the row is slot 0 of a wider cache, as in a running batch
     shape = (dec.n_layers, slots, dec.n_kv, columns, dec.head_dim)
@@ -70,7 +97,7 @@ def test_native_step_equals_the_reference_step(tiny, kind, rank, targets, gate):
         with torch.inference_mode():
             got = dec.native(*args, lora)
             a, b, w = (lora.a, lora.b, lora.w) if lora is not None else ((), (), None)
-            want = dec._forward(*args, a, b, w)
+            want = ref._forward(*args, a, b, w)
         for g, x in zip(got, want, strict=True):
             assert g.shape == x.shape
             assert torch.allclose(g, x, atol=2e-5, rtol=1e-4), (position, (g - x).abs().max())
@@ -112,8 +139,9 @@ def test_without_a_compiler_the_graph_runs(tiny, monkeypatch, caplog):
         native.library.cache_clear()
 
 
-def test_lower_precision_weights_keep_the_graph(tiny):
-    assert StaticDecoder(tiny, weights="bf16", compile=False, native=True).native is None
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_other_lower_precision_weights_keep_the_graph(tiny, weights):
+    assert StaticDecoder(tiny, weights=weights, compile=False, native=True).native is None
 
 
 def test_the_floor_reader_reads_every_float_once():

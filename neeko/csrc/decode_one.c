@@ -1,4 +1,4 @@
-/* One decode step of a Llama-family model for a single row, fp32, on the CPU.
+/* One decode step of a Llama-family model for a single row, on the CPU.
  *
  * The batch-1 path of neeko.compiled.StaticDecoder: the same arithmetic as its `_forward`
  * (RMSNorm, fused q/k/v with optional bias, RoPE from the model's tables, grouped-query
@@ -8,7 +8,9 @@
  * threads, with a few barriers per layer and nothing recomputed. A decode step at batch
  * 1 reads ~0.5 GB of weights for a few MFLOP, so it is bound by memory bandwidth; the
  * dot products keep two independent vector accumulators so the loads, not the add
- * latency, set the pace.
+ * latency, set the pace. Weights are fp32, or int8 with one scale per output row (a
+ * quarter of the bytes; each weight is widened to fp32 in registers, and activations,
+ * norms, attention and the blocks stay fp32).
  *
  * Built at first use by neeko/native.py with the system C compiler (-O3 -march=native
  * -fopenmp) and loaded with ctypes; OpenMP resolves to the runtime torch already loaded.
@@ -18,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef float vf __attribute__((vector_size(64))); /* 16 lanes; narrower ISAs split it */
 #define LANES 16
@@ -31,17 +36,24 @@ typedef struct {
     int64_t kp;
 } Lora;
 
+/* A weight matrix (out, in), row-major: fp32, or int8 with one fp32 scale per row. */
+typedef struct {
+    const void *w;
+    const float *scale; /* (out,) for int8 weights, NULL for fp32 */
+} Mat;
+
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, window, threads;
     float eps;
-    const float *const *qkv;      /* per layer (q + 2 kv, hidden) */
+    const Mat *qkv;               /* per layer (q + 2 kv, hidden) */
     const float *const *qkv_bias; /* per layer (q + 2 kv,), or NULL */
-    const float *const *o;        /* per layer (hidden, heads * head_dim) */
-    const float *const *gate_up;  /* per layer (2 inter, hidden) */
-    const float *const *down;     /* per layer (hidden, inter) */
+    const Mat *o;                 /* per layer (hidden, heads * head_dim) */
+    const Mat *gate_up;           /* per layer (2 inter, hidden) */
+    const Mat *down;              /* per layer (hidden, inter) */
     const float *const *ln_in;    /* per layer (hidden,) */
     const float *const *ln_post;  /* per layer (hidden,) */
-    const float *norm, *head, *embed;
+    const float *norm, *embed;
+    Mat head;                     /* (vocab, hidden) */
     Lora lora[N_PROJ];
 } Model;
 
@@ -72,6 +84,46 @@ static inline float dot(const float *restrict w, const float *restrict x, int64_
     return s;
 }
 
+/* An int8 row times fp32 x. GCC's vector extensions scalarise the int8 -> fp32 widening,
+ * so the x86 paths use intrinsics; elsewhere a plain loop. */
+static inline float dot_i8(const int8_t *restrict w, const float *restrict x, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        __m128i b0 = _mm_loadu_si128((const __m128i *)(w + i));
+        __m128i b1 = _mm_loadu_si128((const __m128i *)(w + i + 16));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0)),
+                             _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1)),
+                             _mm512_loadu_ps(x + i + 16), a1);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 4; k++) {
+            __m128i b = _mm_loadl_epi64((const __m128i *)(w + i + 8 * k));
+            a[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                                   _mm256_loadu_ps(x + i + 8 * k), a[k]);
+        }
+    __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    s = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#endif
+    for (; i < n; i++) s += (float)w[i] * x[i];
+    return s;
+}
+
+/* Row `o` of `m` times x (n inputs). */
+static inline float row_dot(const Mat *m, int64_t o, const float *x, int64_t n) {
+    if (m->scale) return m->scale[o] * dot_i8((const int8_t *)m->w + o * n, x, n);
+    return dot((const float *)m->w + o * n, x, n);
+}
+
 /* out = weight * x / rms(x), as LlamaRMSNorm computes it in fp32. */
 static void rms_norm(const float *x, const float *weight, float eps, int64_t n, float *out) {
     float ss = 0.0f;
@@ -97,12 +149,12 @@ static inline float lora_out(const Lora *l, int64_t layer, int64_t d_out, const 
 
 /* h += W x (+ its blocks' term), W (out, n); a worksharing loop inside the parallel region
  * (ends with a barrier). `z` is the calling thread's scratch for the blocks' inputs. */
-static void add_projection(const float *w, const float *x, int64_t n, const Lora *l,
+static void add_projection(const Mat *w, const float *x, int64_t n, const Lora *l,
                            int64_t layer, float *z, int64_t out, float *h) {
     if (l->a) lora_in(l, layer, n, x, z);
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; o++) {
-        float v = dot(w + o * n, x, n);
+        float v = row_dot(w, o, x, n);
         if (l->a) v += lora_out(l, layer, out, z, o);
         h[o] += v;
     }
@@ -162,10 +214,11 @@ int neeko_decode_one(const Model *m, const Step *s) {
             rms_norm(h, m->ln_in[layer], m->eps, H, x);
             for (int p = Q; p <= V; p++)
                 if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
-            const float *w = m->qkv[layer], *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
+            const Mat *w = &m->qkv[layer];
+            const float *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < QKV; o++) {
-                float v = dot(w + o * H, x, H) + (bias ? bias[o] : 0.0f);
+                float v = row_dot(w, o, x, H) + (bias ? bias[o] : 0.0f);
                 if (o < QD) {
                     if (L[Q].a) v += lora_out(&L[Q], layer, QD, z[Q], o);
                 } else if (o < QD + KD) {
@@ -212,24 +265,24 @@ int neeko_decode_one(const Model *m, const Step *s) {
                     for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
                 }
             }
-            add_projection(m->o[layer], attn, QD, &L[O], layer, z[O], H, h);
+            add_projection(&m->o[layer], attn, QD, &L[O], layer, z[O], H, h);
             /* MLP: gate and up of one output together, then down */
             rms_norm(h, m->ln_post[layer], m->eps, H, x);
             for (int p = GATE; p <= UP; p++)
                 if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
-            w = m->gate_up[layer];
+            w = &m->gate_up[layer];
 #pragma omp for schedule(static)
             for (int64_t o = 0; o < I; o++) {
-                float g = dot(w + o * H, x, H), u = dot(w + (I + o) * H, x, H);
+                float g = row_dot(w, o, x, H), u = row_dot(w, I + o, x, H);
                 if (L[GATE].a) g += lora_out(&L[GATE], layer, I, z[GATE], o);
                 if (L[UP].a) u += lora_out(&L[UP], layer, I, z[UP], o);
                 y[o] = silu(g) * u;
             }
-            add_projection(m->down[layer], y, I, &L[DOWN], layer, z[DOWN], H, h);
+            add_projection(&m->down[layer], y, I, &L[DOWN], layer, z[DOWN], H, h);
         }
         rms_norm(h, m->norm, m->eps, H, x);
 #pragma omp for schedule(static)
-        for (int64_t o = 0; o < m->vocab; o++) s->logits[o] = dot(m->head + o * H, x, H);
+        for (int64_t o = 0; o < m->vocab; o++) s->logits[o] = row_dot(&m->head, o, x, H);
     }
     free(shared);
     free(private_all);
