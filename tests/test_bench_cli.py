@@ -66,7 +66,10 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["b1_step"] == "native"  # the C compiler inductor needs builds it too
     assert result["weights_read_gb_s"] > 0
     ratio = result["tok_s_compiled_b1"] / (result["weights_read_gb_s"] / result["weight_gb"])
-    assert result["decode_b1_vs_weights_read"] == pytest.approx(ratio, rel=1e-2)
+    # The printed figures are rounded (GB/s to 0.01, GB to 1e-4): a slow, busy machine's
+    # read of the tiny model's weights can be a few GB/s, where that rounding is ~1%.
+    rounding = 0.005 / result["weights_read_gb_s"] + 5e-5 / result["weight_gb"]
+    assert result["decode_b1_vs_weights_read"] == pytest.approx(ratio, rel=1e-2 + rounding)
     ratio = result["ttft_ms_followup_reused"] / result["ttft_ms_followup_full"]
     assert result["ttft_followup_vs_full"] == pytest.approx(ratio, rel=1e-2)
 
