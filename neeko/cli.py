@@ -240,7 +240,8 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         "--rank",
         type=int,
         default=None,
-        help="rank of each character's block in a new store (default: 4; a store keeps its own)",
+        help="rank of each character's block: a new store takes it (4 when not given), "
+        "an existing store keeps its own",
     )
     p.add_argument(
         "--shared-rank",
