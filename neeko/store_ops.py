@@ -6,6 +6,7 @@ consistent: train the starter cast, expand a store by one character, fuse a card
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -83,8 +84,8 @@ def shared_baseline(
 
     Its rank defaults to the total rank of a store pre-tuned with `config`: the shared
     block plus one block per member, so the comparison is at equal parameters (at the
-    same alpha / rank as the blocks). Cached by
-    content hash of data, model, config and rank; `Shared.path` says where.
+    same alpha / rank as the blocks). Cached by content hash of data, model, config and
+    rank; `Shared.path` says where.
     """
     loaded = model_lib.load(model, device=device)
     rank = rank or config.shared_rank + (config.rank or DEFAULT_RANK) * len(members)
@@ -157,7 +158,8 @@ def eval_store(
     """The eval table of `store`'s characters (trained or fused) on `heldout`.
 
     With `train`, the shared-LoRA baseline is trained on the data of the trained characters
-    it names, with `config` (the budget the store was trained with), and cached. `max_tokens`
+    it names, with `config` (the budget the store was trained with; its block rank, when not
+    given, is the store's), and cached. `max_tokens`
     defaults to the model's context.
     """
     rt = open_runtime(store, model, device)
@@ -177,7 +179,10 @@ def eval_store(
             raise CatalogError("the baseline's training data names no trained character")
         names = {c.name for c in cards}
         members = group_by_character(cards, [d for d in train if d.character in names])
-        shared = shared_baseline(members, model, config or TrainConfig(), device)
+        cfg = config or TrainConfig()
+        if cfg.rank is None:  # the store's own blocks set the baseline's rank per character
+            cfg = dataclasses.replace(cfg, rank=rt.catalog.rank)
+        shared = shared_baseline(members, model, cfg, device)
     limit = max_tokens or model_lib.context_tokens(model)
     result = evaluate(rt, by_key, shared, roles, limit, speaker_id)
     result["model"] = model

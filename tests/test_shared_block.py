@@ -22,7 +22,7 @@ from neeko.errors import BlockFormatError
 from neeko.lora import BankConfig, LoRABank
 from neeko.peft_io import export_adapter
 from neeko.runtime import empty_runtime, open_runtime
-from neeko.store_ops import shared_baseline, train_store
+from neeko.store_ops import eval_store, shared_baseline, train_store
 from neeko.train import (
     ANONYMOUS_PROMPT,
     TrainConfig,
@@ -346,6 +346,16 @@ def test_the_baseline_has_the_stores_total_rank(tmp_path, monkeypatch):
     shared = shared_baseline(MEMBERS, "tiny", cfg)
     assert shared.bank.config.rank == 16 + 8 * len(MEMBERS)
     assert shared.bank.config.scale == BankConfig().scale
+
+
+def test_eval_takes_the_baseline_rank_from_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEEKO_CACHE_DIR", str(tmp_path / "cache"))
+    store = tmp_path / "store"
+    _train(store)
+    dialogues = [d for _, ds in MEMBERS for d in ds]
+    cfg = dataclasses.replace(STEPS, max_steps=1, shared_rank=16)  # no rank given
+    result = eval_store(store, dialogues[:2], "tiny", dialogues, config=cfg, speaker_id=False)
+    assert result["baseline"]["rank"] == 16 + 8 * len(MEMBERS)
 
 
 def test_cli_train_takes_a_rank(tmp_path, capsys):
