@@ -46,7 +46,7 @@ from neeko.characters import (
 )
 from neeko.errors import CardError
 from neeko.gating import GateConfig, RoleEncoder, fit_gate, fusion_gate, top_k_softmax
-from neeko.lora import DEFAULT_RANK
+from neeko.lora import DEFAULT_RANK, MAX_RANK
 from neeko.protocol import CatalogEvent
 
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ class _Manifest(BaseModel):
     characters: list[_Entry]
     retired: list[str] = Field(default_factory=list)
     shared_rank: int = Field(0, ge=0, le=4096)
-    rank: int = Field(DEFAULT_RANK, ge=1, le=256)
+    rank: int = Field(DEFAULT_RANK, ge=1, le=MAX_RANK)
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,8 @@ class Catalog:
         with self._lock:
             if rank == self._rank:
                 return
-            if not 1 <= rank <= 256:
-                raise CatalogError(f"block rank must be 1..256, got {rank}")
+            if not 1 <= rank <= MAX_RANK:
+                raise CatalogError(f"block rank must be 1..{MAX_RANK}, got {rank}")
             if self.trained() or self._shared_rank:
                 raise CatalogError(f"the store's blocks have rank {self._rank}, not {rank}")
             self._rank = rank

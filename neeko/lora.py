@@ -44,6 +44,8 @@ BLOCK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The tensor dtypes a block may hold; anything else is refused, never converted."""
 DEFAULT_RANK = 4
 DEFAULT_ALPHA = 32.0
+MAX_RANK = 256
+"""The largest block rank a store may declare."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from neeko.catalog import Catalog
 from neeko.characters import SHARED, fold, system_prompt
 from neeko.dialogues import IGNORE, Dialogue, Example, batches, encode
 from neeko.errors import NeekoError
-from neeko.lora import LoRABank
+from neeko.lora import MAX_RANK, LoRABank
 from neeko.model import LoadedModel
 
 if TYPE_CHECKING:
@@ -86,8 +86,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.shared_rank < 0:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
-        if self.rank is not None and not 1 <= self.rank <= 256:
-            raise ValueError(f"rank must be 1..256, got {self.rank}")
+        if self.rank is not None and not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"rank must be 1..{MAX_RANK}, got {self.rank}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.shared_prompt not in SHARED_PROMPTS:
@@ -406,8 +406,7 @@ def pretune(
         raise TrainingError("two of the characters to train share a name or alias")
     new_shared = cfg.shared_rank > 0 and not rt.shared and not catalog.trained()
     rank = rt.bank.config.rank
-    if cfg.rank is not None and cfg.rank != rank:
-        raise TrainingError(f"the store's blocks have rank {rank}, not {cfg.rank}")
+    _check_rank(cfg, rank)
     if new_shared and cfg.shared_rank % rank:
         raise TrainingError(f"shared_rank {cfg.shared_rank} is not a multiple of the rank {rank}")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -482,8 +481,7 @@ def expand(
     """
     cfg = config or TrainConfig()
     catalog = rt.catalog
-    if cfg.rank is not None and cfg.rank != rt.bank.config.rank:
-        raise TrainingError(f"the store's blocks have rank {rt.bank.config.rank}, not {cfg.rank}")
+    _check_rank(cfg, rt.bank.config.rank)
     existing = catalog.get(key) if key is not None else None
     if existing is not None and existing.status == "trained":
         raise TrainingError(f"{existing.name} already has a block")
@@ -504,6 +502,12 @@ def expand(
     _fit_learned_gate(catalog, [(key, (card, dialogues))], expanding=True)
     catalog.save()
     return report
+
+
+def _check_rank(cfg: TrainConfig, rank: int) -> None:
+    """Refuse a config that names a block rank other than the store's `rank`."""
+    if cfg.rank is not None and cfg.rank != rank:
+        raise TrainingError(f"the store's blocks have rank {rank}, not {cfg.rank}")
 
 
 def _fit_learned_gate(
