@@ -78,6 +78,13 @@ class TrainConfig:
     (`ANONYMOUS_PROMPT`), so the shared block cannot tie a voice to a card. On the
     Shakespeare corpus (staged) it matches `card` (3.963 nats) and tells the voices apart
     barely better (0.225 vs 0.20; README, "Measured on a real corpus")."""
+    contrast: float = 0.0
+    """Weight of the voice-contrast term (0: off). Each row of an own block is also run
+    under another block of the run, drawn per step from the seed, and
+    `contrast * softplus(CONTRAST_SHARPNESS * (nll_own - nll_other)) / CONTRAST_SHARPNESS`
+    (per-token means of the row's character turns) trains its own block to fit the line
+    better than the other block does, and the other block to fit it worse: what each own
+    block learns is then what sets its character apart, not what all characters share."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
@@ -88,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.rank is not None and not 1 <= self.rank <= MAX_RANK:
             raise ValueError(f"rank must be 1..{MAX_RANK}, got {self.rank}")
+        if not 0 <= self.contrast < math.inf:
+            raise ValueError(f"contrast must be >= 0, got {self.contrast}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.shared_prompt not in SHARED_PROMPTS:
@@ -121,6 +130,11 @@ ANONYMOUS_PROMPT = "You are a character in a story. Stay in character and reply 
 """The system prompt the shared block trains under with `shared_prompt="anonymous"`."""
 SHARED_GROUP = -1
 """The parameter group (and loss group) of the shared block."""
+CONTRAST_GROUP = -2
+"""The loss group of the voice-contrast term."""
+CONTRAST_SHARPNESS = 10.0
+"""Per nat of per-token NLL: the contrast term's pull fades once a row's own block fits
+it ~0.3 nats/token better than the other block."""
 
 StepCallback = Callable[[int, int, float], None]
 """Called with (steps done, total steps, loss) after every optimiser step."""
@@ -176,8 +190,18 @@ def train_blocks(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     try:
         for step in range(start, total):
+            rivals = _rivals(order[step], owned, cfg, step) if train_own else None
             loss = train_step(
-                loaded, bank, order[step], groups, optimizer, cfg.grad_clip, shared, use_own
+                loaded,
+                bank,
+                order[step],
+                groups,
+                optimizer,
+                cfg.grad_clip,
+                shared,
+                use_own,
+                rivals,
+                cfg.contrast,
             )
             report.losses.append(loss)
             report.steps = step + 1
@@ -202,24 +226,37 @@ def train_step(
     grad_clip: float,
     shared: Sequence[int] = (),
     use_own: bool = True,
+    rivals: list[int] | None = None,
+    contrast: float = 0.0,
 ) -> float:
     """One optimiser step on `batch`, whose rows may belong to different blocks.
 
     The loss is normalised per block (the sum over blocks of the mean over that block's
     tokens) and gradients are clipped per group (each own block, the shared block), so
     with the shared block frozen a mixed batch updates every own block exactly as its rows
-    alone would. Without own blocks in the gates the batch is one group. Returns the mean
-    over the loss groups of their losses.
+    alone would. Without own blocks in the gates the batch is one group. With `rivals`
+    (one other block per row) and `contrast`, the batch also runs under the rivals' gates
+    and adds the voice-contrast term (`TrainConfig.contrast`). Returns the mean over the
+    blocks of their next-token losses.
     """
     optimizer.zero_grad(set_to_none=True)
     base = dict.fromkeys(shared, 1.0)
     gates = [{**base, e.block: 1.0} if use_own else base for e in batch]
-    losses = block_losses(loaded, bank, batch, gates, by_block=use_own)
+    if contrast and rivals:
+        rows = [*batch, *batch]
+        gates += [{**base, r: 1.0} for r in rivals]
+        losses, nll = block_losses(loaded, bank, rows, gates, rows=len(batch))
+        own, other = nll.split(len(batch))
+        term = nn.functional.softplus(CONTRAST_SHARPNESS * (own - other)) / CONTRAST_SHARPNESS
+        losses[CONTRAST_GROUP] = contrast * term.mean()
+    else:
+        losses, _ = block_losses(loaded, bank, batch, gates, by_block=use_own)
     sum(losses.values()).backward()
     for group in groups.values():
         nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
-    return float(sum(v.detach() for v in losses.values())) / len(losses)
+    lm = [v.detach() for k, v in losses.items() if k != CONTRAST_GROUP]
+    return float(sum(lm)) / len(lm)
 
 
 def batch_loss(
@@ -238,23 +275,28 @@ def block_losses(
     batch: list[Example],
     gates: list[dict],
     by_block: bool = True,
-) -> dict[int, Tensor]:
-    """One mean next-token loss per block, over the labelled tokens of that block's rows.
+    rows: int | None = None,
+) -> tuple[dict[int, Tensor], Tensor]:
+    """Per-block mean next-token losses, and every row's own mean (batch,).
 
-    Without `by_block`, one mean over the whole batch.
+    A block's loss is the mean over the labelled tokens of its rows among the first `rows`
+    (default: all); without `by_block`, one mean over those rows.
     """
     logits, labels = _forward(loaded, bank, batch, gates)
     token_loss = nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none"
     )  # (batch, seq - 1), zero where ignored
     counted = (labels != IGNORE).float()
+    per_row = token_loss.sum(1) / counted.sum(1).clamp(min=1)
+    n = len(batch) if rows is None else rows
+    token_loss, counted, batch = token_loss[:n], counted[:n], batch[:n]
     if not by_block:
-        return {SHARED_GROUP: token_loss.sum() / counted.sum().clamp(min=1)}
+        return {SHARED_GROUP: token_loss.sum() / counted.sum().clamp(min=1)}, per_row
     out: dict[int, Tensor] = {}
     for k in dict.fromkeys(e.block for e in batch):
-        rows = torch.tensor([e.block == k for e in batch], device=token_loss.device)
-        out[k] = token_loss[rows].sum() / counted[rows].sum().clamp(min=1)
-    return out
+        mine = torch.tensor([e.block == k for e in batch], device=token_loss.device)
+        out[k] = token_loss[mine].sum() / counted[mine].sum().clamp(min=1)
+    return out, per_row
 
 
 def _forward(
@@ -292,6 +334,19 @@ def _collate(batch: list[Example], loaded: LoadedModel) -> tuple[Tensor, Tensor,
         mask[i, : len(e.ids)] = 1
     dev = loaded.device
     return ids.to(dev), labels.to(dev), mask.to(dev)
+
+
+def _rivals(
+    batch: list[Example], owned: list[int], cfg: TrainConfig, step: int
+) -> list[int] | None:
+    """One other block of the run per row, or None (contrast off, or one block).
+
+    Drawn from the seed and the step, so a resumed run draws the same.
+    """
+    if not cfg.contrast or len(owned) < 2:
+        return None
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    return [rng.choice([k for k in owned if k != e.block]) for e in batch]
 
 
 def _block_of(example: Example, bank: LoRABank) -> int:
