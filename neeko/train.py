@@ -157,15 +157,17 @@ def train_blocks(
     train_own: bool = True,
     train_shared: bool = False,
     own_in_gate: bool | None = None,
+    rivals_from: Sequence[int] = (),
 ) -> TrainReport:
     """Train the blocks named by `examples` (each example's `block`), each row on its own.
 
     Every row's gate is the `shared` blocks at weight 1 plus, with `own_in_gate` (default:
     `train_own`), its own block. What trains: the examples' own blocks (`train_own`) and
-    the shared blocks (`train_shared`); everything else is frozen. On return the trained
-    blocks are written back into the bank. With `checkpoint_dir`, progress is saved every
-    `checkpoint_every` steps and a later call with the same arguments resumes from the last
-    checkpoint.
+    the shared blocks (`train_shared`); everything else is frozen. With `config.contrast`,
+    each row's rival is drawn from the other trained blocks and `rivals_from` (frozen).
+    On return the trained blocks are written back into the bank. With `checkpoint_dir`,
+    progress is saved every `checkpoint_every` steps and a later call with the same
+    arguments resumes from the last checkpoint.
     `on_step(step, total, loss)` is called after every step.
     """
     cfg = config or TrainConfig()
@@ -190,7 +192,8 @@ def train_blocks(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     try:
         for step in range(start, total):
-            rivals = _rivals(order[step], owned, cfg, step) if train_own else None
+            pool = sorted({*owned, *rivals_from})
+            rivals = _rivals(order[step], pool, cfg, step) if train_own else None
             loss = train_step(
                 loaded,
                 bank,
@@ -336,17 +339,15 @@ def _collate(batch: list[Example], loaded: LoadedModel) -> tuple[Tensor, Tensor,
     return ids.to(dev), labels.to(dev), mask.to(dev)
 
 
-def _rivals(
-    batch: list[Example], owned: list[int], cfg: TrainConfig, step: int
-) -> list[int] | None:
-    """One other block of the run per row, or None (contrast off, or one block).
+def _rivals(batch: list[Example], pool: list[int], cfg: TrainConfig, step: int) -> list[int] | None:
+    """One other block of `pool` per row, or None (contrast off, or no other block).
 
     Drawn from the seed and the step, so a resumed run draws the same.
     """
-    if not cfg.contrast or len(owned) < 2:
+    if not cfg.contrast or len(pool) < 2:
         return None
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    return [rng.choice([k for k in owned if k != e.block]) for e in batch]
+    return [rng.choice([k for k in pool if k != e.block]) for e in batch]
 
 
 def _block_of(example: Example, bank: LoRABank) -> int:
@@ -529,6 +530,7 @@ def expand(
     """Append a block for a character and train only it; old blocks are untouched.
 
     Its gate, in training as in play, is the store's shared block (frozen) plus the new one.
+    With `config.contrast`, its rivals are the loaded characters' blocks (frozen).
 
     The character is `key` of the catalog (a submitted, fused one) or, without `key`, a
     new one of `scope`. Nothing in the catalog or store changes before training succeeds,
@@ -547,7 +549,15 @@ def expand(
     (block,) = rt.bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
     examples = character_examples(rt.loaded, card, dialogues, block)
     report = train_blocks(
-        rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step, shared=rt.shared
+        rt.loaded,
+        rt.bank,
+        examples,
+        cfg,
+        checkpoint_dir,
+        progress,
+        on_step,
+        shared=rt.shared,
+        rivals_from=sorted(rt.slots.values()),
     )
     _save_trained(rt, key, block, card.name)
     catalog.set_rank(rt.bank.config.rank)
