@@ -22,7 +22,6 @@ TRAIN_DEFAULTS = {
     "shared_rank": 0,
     "schedule": "joint",
     "shared_prompt": "card",
-    "contrast": 0.0,
 }
 """`neeko.train.TrainConfig`'s defaults, without importing torch for `--help` (a test checks
 that they agree)."""
@@ -264,13 +263,6 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         help="the system prompt the shared block's own stage trains under: each "
         "character's card, or one that names no one (staged and own-first only)",
     )
-    p.add_argument(
-        "--contrast",
-        type=float,
-        default=defaults["contrast"],
-        help="weight of the voice-contrast term: each own block is also trained to fit its "
-        "character's lines better than another block does (0: off)",
-    )
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
 
@@ -288,7 +280,6 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
         shared_rank=args.shared_rank,
         schedule=args.schedule,
         shared_prompt=args.shared_prompt,
-        contrast=args.contrast,
     )
 
 

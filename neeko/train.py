@@ -78,13 +78,6 @@ class TrainConfig:
     (`ANONYMOUS_PROMPT`), so the shared block cannot tie a voice to a card. On the
     Shakespeare corpus (staged) it matches `card` (3.963 nats) and tells the voices apart
     barely better (0.225 vs 0.20; README, "Measured on a real corpus")."""
-    contrast: float = 0.0
-    """Weight of the voice-contrast term (0: off). Each row of an own block is also run
-    under another block of the run, drawn per step from the seed, and
-    `contrast * softplus(CONTRAST_SHARPNESS * (nll_own - nll_other)) / CONTRAST_SHARPNESS`
-    (per-token means of the row's character turns) trains its own block to fit the line
-    better than the other block does, and the other block to fit it worse: what each own
-    block learns is then what sets its character apart, not what all characters share."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
@@ -95,8 +88,6 @@ class TrainConfig:
             raise ValueError(f"shared_rank must be >= 0, got {self.shared_rank}")
         if self.rank is not None and not 1 <= self.rank <= MAX_RANK:
             raise ValueError(f"rank must be 1..{MAX_RANK}, got {self.rank}")
-        if not 0 <= self.contrast < math.inf:
-            raise ValueError(f"contrast must be >= 0, got {self.contrast}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.shared_prompt not in SHARED_PROMPTS:
@@ -130,11 +121,6 @@ ANONYMOUS_PROMPT = "You are a character in a story. Stay in character and reply 
 """The system prompt the shared block trains under with `shared_prompt="anonymous"`."""
 SHARED_GROUP = -1
 """The parameter group (and loss group) of the shared block."""
-CONTRAST_GROUP = -2
-"""The loss group of the voice-contrast term."""
-CONTRAST_SHARPNESS = 10.0
-"""Per nat of per-token NLL: the contrast term's pull fades once a row's own block fits
-it ~0.3 nats/token better than the other block."""
 
 StepCallback = Callable[[int, int, float], None]
 """Called with (steps done, total steps, loss) after every optimiser step."""
@@ -157,17 +143,15 @@ def train_blocks(
     train_own: bool = True,
     train_shared: bool = False,
     own_in_gate: bool | None = None,
-    rivals_from: Sequence[int] = (),
 ) -> TrainReport:
     """Train the blocks named by `examples` (each example's `block`), each row on its own.
 
     Every row's gate is the `shared` blocks at weight 1 plus, with `own_in_gate` (default:
     `train_own`), its own block. What trains: the examples' own blocks (`train_own`) and
-    the shared blocks (`train_shared`); everything else is frozen. With `config.contrast`,
-    each row's rival is drawn from the other trained blocks and `rivals_from` (frozen).
-    On return the trained blocks are written back into the bank. With `checkpoint_dir`,
-    progress is saved every `checkpoint_every` steps and a later call with the same
-    arguments resumes from the last checkpoint.
+    the shared blocks (`train_shared`); everything else is frozen. On return the trained
+    blocks are written back into the bank. With `checkpoint_dir`, progress is saved every
+    `checkpoint_every` steps and a later call with the same arguments resumes from the last
+    checkpoint.
     `on_step(step, total, loss)` is called after every step.
     """
     cfg = config or TrainConfig()
@@ -192,19 +176,8 @@ def train_blocks(
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
     try:
         for step in range(start, total):
-            pool = sorted({*owned, *rivals_from})
-            rivals = _rivals(order[step], pool, cfg, step) if train_own else None
             loss = train_step(
-                loaded,
-                bank,
-                order[step],
-                groups,
-                optimizer,
-                cfg.grad_clip,
-                shared,
-                use_own,
-                rivals,
-                cfg.contrast,
+                loaded, bank, order[step], groups, optimizer, cfg.grad_clip, shared, use_own
             )
             report.losses.append(loss)
             report.steps = step + 1
@@ -229,37 +202,24 @@ def train_step(
     grad_clip: float,
     shared: Sequence[int] = (),
     use_own: bool = True,
-    rivals: list[int] | None = None,
-    contrast: float = 0.0,
 ) -> float:
     """One optimiser step on `batch`, whose rows may belong to different blocks.
 
     The loss is normalised per block (the sum over blocks of the mean over that block's
     tokens) and gradients are clipped per group (each own block, the shared block), so
     with the shared block frozen a mixed batch updates every own block exactly as its rows
-    alone would. Without own blocks in the gates the batch is one group. With `rivals`
-    (one other block per row) and `contrast`, the batch also runs under the rivals' gates
-    and adds the voice-contrast term (`TrainConfig.contrast`). Returns the mean over the
-    blocks of their next-token losses.
+    alone would. Without own blocks in the gates the batch is one group. Returns the mean
+    over the loss groups of their losses.
     """
     optimizer.zero_grad(set_to_none=True)
     base = dict.fromkeys(shared, 1.0)
     gates = [{**base, e.block: 1.0} if use_own else base for e in batch]
-    if contrast and rivals:
-        rows = [*batch, *batch]
-        gates += [{**base, r: 1.0} for r in rivals]
-        losses, nll = block_losses(loaded, bank, rows, gates, rows=len(batch))
-        own, other = nll.split(len(batch))
-        term = nn.functional.softplus(CONTRAST_SHARPNESS * (own - other)) / CONTRAST_SHARPNESS
-        losses[CONTRAST_GROUP] = contrast * term.mean()
-    else:
-        losses, _ = block_losses(loaded, bank, batch, gates, by_block=use_own)
+    losses = block_losses(loaded, bank, batch, gates, by_block=use_own)
     sum(losses.values()).backward()
     for group in groups.values():
         nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
-    lm = [v.detach() for k, v in losses.items() if k != CONTRAST_GROUP]
-    return float(sum(lm)) / len(lm)
+    return float(sum(v.detach() for v in losses.values())) / len(losses)
 
 
 def batch_loss(
@@ -278,28 +238,23 @@ def block_losses(
     batch: list[Example],
     gates: list[dict],
     by_block: bool = True,
-    rows: int | None = None,
-) -> tuple[dict[int, Tensor], Tensor]:
-    """Per-block mean next-token losses, and every row's own mean (batch,).
+) -> dict[int, Tensor]:
+    """One mean next-token loss per block, over the labelled tokens of that block's rows.
 
-    A block's loss is the mean over the labelled tokens of its rows among the first `rows`
-    (default: all); without `by_block`, one mean over those rows.
+    Without `by_block`, one mean over the whole batch.
     """
     logits, labels = _forward(loaded, bank, batch, gates)
     token_loss = nn.functional.cross_entropy(
         logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none"
     )  # (batch, seq - 1), zero where ignored
     counted = (labels != IGNORE).float()
-    per_row = token_loss.sum(1) / counted.sum(1).clamp(min=1)
-    n = len(batch) if rows is None else rows
-    token_loss, counted, batch = token_loss[:n], counted[:n], batch[:n]
     if not by_block:
-        return {SHARED_GROUP: token_loss.sum() / counted.sum().clamp(min=1)}, per_row
+        return {SHARED_GROUP: token_loss.sum() / counted.sum().clamp(min=1)}
     out: dict[int, Tensor] = {}
     for k in dict.fromkeys(e.block for e in batch):
-        mine = torch.tensor([e.block == k for e in batch], device=token_loss.device)
-        out[k] = token_loss[mine].sum() / counted[mine].sum().clamp(min=1)
-    return out, per_row
+        rows = torch.tensor([e.block == k for e in batch], device=token_loss.device)
+        out[k] = token_loss[rows].sum() / counted[rows].sum().clamp(min=1)
+    return out
 
 
 def _forward(
@@ -337,17 +292,6 @@ def _collate(batch: list[Example], loaded: LoadedModel) -> tuple[Tensor, Tensor,
         mask[i, : len(e.ids)] = 1
     dev = loaded.device
     return ids.to(dev), labels.to(dev), mask.to(dev)
-
-
-def _rivals(batch: list[Example], pool: list[int], cfg: TrainConfig, step: int) -> list[int] | None:
-    """One other block of `pool` per row, or None (contrast off, or no other block).
-
-    Drawn from the seed and the step, so a resumed run draws the same.
-    """
-    if not cfg.contrast or len(pool) < 2:
-        return None
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    return [rng.choice([k for k in pool if k != e.block]) for e in batch]
 
 
 def _block_of(example: Example, bank: LoRABank) -> int:
@@ -530,7 +474,6 @@ def expand(
     """Append a block for a character and train only it; old blocks are untouched.
 
     Its gate, in training as in play, is the store's shared block (frozen) plus the new one.
-    With `config.contrast`, its rivals are the loaded characters' blocks (frozen).
 
     The character is `key` of the catalog (a submitted, fused one) or, without `key`, a
     new one of `scope`. Nothing in the catalog or store changes before training succeeds,
@@ -549,15 +492,7 @@ def expand(
     (block,) = rt.bank.add_blocks(1, init="lora", generator=torch.Generator().manual_seed(cfg.seed))
     examples = character_examples(rt.loaded, card, dialogues, block)
     report = train_blocks(
-        rt.loaded,
-        rt.bank,
-        examples,
-        cfg,
-        checkpoint_dir,
-        progress,
-        on_step,
-        shared=rt.shared,
-        rivals_from=sorted(rt.slots.values()),
+        rt.loaded, rt.bank, examples, cfg, checkpoint_dir, progress, on_step, shared=rt.shared
     )
     _save_trained(rt, key, block, card.name)
     catalog.set_rank(rt.bank.config.rank)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neeko.dialogues import IGNORE, DataError, Dialogue, encode, read_dialogues
-from neeko.train import TrainConfig, TrainingError, token_nll, train_blocks
+from neeko.train import TrainConfig, TrainingError, train_blocks
 
 MARA = Dialogue(
     "Mara",
@@ -150,10 +150,9 @@ def test_training_lowers_the_loss(tiny, bank):
     assert report.losses[-1] < report.losses[0] * 0.8
 
 
-@pytest.mark.parametrize("contrast", [0.0, 1.0])
-def test_resume_continues_exactly_where_it_stopped(tiny, bank, tmp_path, contrast):
+def test_resume_continues_exactly_where_it_stopped(tiny, bank, tmp_path):
     examples = _examples(tiny.tokenizer, {"Mara": 0, "Gray": 1})
-    cfg = TrainConfig(epochs=3, batch_size=2, lr=1e-2, checkpoint_every=2, contrast=contrast)
+    cfg = TrainConfig(epochs=3, batch_size=2, lr=1e-2, checkpoint_every=2)
     start = _blocks(bank)
     full = train_blocks(tiny, bank, examples, cfg, progress=False)
     want = _blocks(bank)
@@ -179,45 +178,6 @@ def test_resume_continues_exactly_where_it_stopped(tiny, bank, tmp_path, contras
         for n in want[k]
         for i in (0, 1)
     )
-
-
-def _voice_gap(tiny, bank, examples) -> float:
-    """Mean over examples of how much better (nats/token) their own block fits them than
-    the other block does."""
-    gaps = []
-    for ex in examples:
-        (other,) = {e.block for e in examples} - {ex.block}
-        own, n = token_nll(tiny, bank, ex, {ex.block: 1.0})
-        rival, _ = token_nll(tiny, bank, ex, {other: 1.0})
-        gaps.append((rival - own) / n)
-    return sum(gaps) / len(gaps)
-
-
-def test_contrast_makes_each_block_fit_its_own_lines_better_than_the_others(tiny, bank):
-    examples = _examples(tiny.tokenizer, {"Mara": 0, "Gray": 2})
-    start = _blocks(bank)
-    gaps = {}
-    for contrast in (0.0, 4.0):
-        for k, block in start.items():
-            bank.set_block(k, block)
-        cfg = TrainConfig(epochs=2, lr=3e-3, batch_size=2, contrast=contrast)
-        train_blocks(tiny, bank, examples, cfg, progress=False)
-        gaps[contrast] = _voice_gap(tiny, bank, examples[:2])
-    assert gaps[4.0] > gaps[0.0] + 0.05, gaps
-
-
-def test_contrast_needs_two_blocks_and_a_weight_of_at_least_zero(tiny, bank):
-    mara = [e for e in _examples(tiny.tokenizer, {"Mara": 0, "Gray": 0}) if e.character == "Mara"]
-    start = _blocks(bank)
-    trained = []
-    for contrast in (0.0, 2.0):
-        for k, block in start.items():
-            bank.set_block(k, block)
-        train_blocks(tiny, bank, mara, TrainConfig(lr=1e-2, contrast=contrast), progress=False)
-        trained.append(_blocks(bank))
-    assert _same(trained[0][0], trained[1][0])  # one block in the run: nothing to contrast
-    with pytest.raises(ValueError, match="contrast must be >= 0"):
-        TrainConfig(contrast=-1.0)
 
 
 def test_training_refuses_examples_without_a_block(tiny, bank):
