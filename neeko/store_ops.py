@@ -159,8 +159,7 @@ def eval_store(
 
     With `train`, the shared-LoRA baseline is trained on the data of the trained characters
     it names, with `config` (the budget the store was trained with; its block rank, when not
-    given, is the store's), and cached. `max_tokens`
-    defaults to the model's context.
+    given, is the store's), and cached. `max_tokens` defaults to the model's context.
     """
     rt = open_runtime(store, model, device)
     by_key: dict[str, list[Dialogue]] = {}
