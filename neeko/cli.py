@@ -22,6 +22,7 @@ TRAIN_DEFAULTS = {
     "shared_rank": 0,
     "schedule": "joint",
     "shared_prompt": "card",
+    "stage_data": "all",
 }
 """`neeko.train.TrainConfig`'s defaults, without importing torch for `--help` (a test checks
 that they agree)."""
@@ -263,6 +264,13 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         help="the system prompt the shared block's own stage trains under: each "
         "character's card, or one that names no one (staged and own-first only)",
     )
+    p.add_argument(
+        "--stage-data",
+        choices=("all", "split"),
+        default=defaults["stage_data"],
+        help="what the two stages train on: every dialogue, or each character's dialogues "
+        "dealt alternately between them (staged and own-first only)",
+    )
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
 
@@ -280,6 +288,7 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202 (lazy import of Tra
         shared_rank=args.shared_rank,
         schedule=args.schedule,
         shared_prompt=args.shared_prompt,
+        stage_data=args.stage_data,
     )
 
 

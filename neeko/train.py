@@ -78,6 +78,11 @@ class TrainConfig:
     (`ANONYMOUS_PROMPT`), so the shared block cannot tie a voice to a card. On the
     Shakespeare corpus (staged) it matches `card` (3.963 nats) and tells the voices apart
     barely better (0.225 vs 0.20; README, "Measured on a real corpus")."""
+    stage_data: StageData = "all"
+    """What the two stages of a staged or own-first schedule train on: `all`, every
+    dialogue in both; `split`, each character's dialogues dealt alternately between them
+    (the first stage the 1st, 3rd, ...; the second the 2nd, 4th, ...), so the second stage
+    learns on lines its predecessor has not fitted."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
@@ -96,6 +101,10 @@ class TrainConfig:
             )
         if self.shared_prompt != "card" and self.schedule == "joint":
             raise ValueError("an anonymous shared prompt needs a staged or own-first schedule")
+        if self.stage_data not in STAGE_DATA:
+            raise ValueError(f"stage_data must be one of {STAGE_DATA}, got {self.stage_data!r}")
+        if self.stage_data != "all" and self.schedule == "joint":
+            raise ValueError("split stage data needs a staged or own-first schedule")
 
 
 @dataclass
@@ -117,6 +126,8 @@ Schedule = Literal["joint", "staged", "own-first"]
 SCHEDULES = ("joint", "staged", "own-first")
 SharedPrompt = Literal["card", "anonymous"]
 SHARED_PROMPTS = ("card", "anonymous")
+StageData = Literal["all", "split"]
+STAGE_DATA = ("all", "split")
 ANONYMOUS_PROMPT = "You are a character in a story. Stay in character and reply in your own voice."
 """The system prompt the shared block trains under with `shared_prompt="anonymous"`."""
 SHARED_GROUP = -1
@@ -412,14 +423,13 @@ def pretune(
     gen = torch.Generator().manual_seed(cfg.seed)
     shared = rt.bank.add_blocks(cfg.shared_rank // rank, "lora", gen) if new_shared else rt.shared
     blocks = rt.bank.add_blocks(len(members), init="lora", generator=gen)
-    examples, anonymous = [], []
+    staged = new_shared and cfg.schedule != "joint"
+    system = ANONYMOUS_PROMPT if cfg.shared_prompt == "anonymous" else None
+    examples, shared_examples = [], []
     for (card, dialogues), block in zip(members, blocks, strict=True):
-        examples += character_examples(rt.loaded, card, dialogues, block)
-        if new_shared and cfg.shared_prompt == "anonymous":
-            anonymous += character_examples(
-                rt.loaded, card, dialogues, block, system=ANONYMOUS_PROMPT
-            )
-    shared_examples = anonymous or examples
+        own_lines, shared_lines = _stage_lines(card, dialogues, cfg) if staged else (dialogues, [])
+        examples += character_examples(rt.loaded, card, own_lines, block)
+        shared_examples += character_examples(rt.loaded, card, shared_lines, block, system=system)
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     run = partial(train_blocks, rt.loaded, rt.bank, examples, cfg, progress=progress, shared=shared)
     shared_stage = partial(
@@ -457,6 +467,18 @@ def pretune(
     _fit_learned_gate(catalog, list(zip(keys, members, strict=True)))
     catalog.save()
     return report
+
+
+def _stage_lines(
+    card: CharacterCard, dialogues: list[Dialogue], cfg: TrainConfig
+) -> tuple[list[Dialogue], list[Dialogue]]:
+    """(own stage's, shared stage's) dialogues of one character, per `cfg.stage_data`."""
+    if cfg.stage_data == "all":
+        return dialogues, dialogues
+    if len(dialogues) < 2:
+        raise TrainingError(f"{card.name}: split stage data needs at least 2 dialogues")
+    first, second = dialogues[0::2], dialogues[1::2]
+    return (second, first) if cfg.schedule == "staged" else (first, second)
 
 
 def expand(

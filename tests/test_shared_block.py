@@ -176,6 +176,49 @@ def test_an_anonymous_shared_stage_trains_under_a_prompt_that_names_no_one(tmp_p
         TrainConfig(shared_rank=8, shared_prompt="anonymous")
 
 
+@pytest.mark.parametrize("schedule", ["staged", "own-first"])
+def test_split_stage_data_deals_each_characters_dialogues_between_the_stages(tmp_path, schedule):
+    cfg = TrainConfig(**{**STEPS.__dict__, "schedule": schedule, "stage_data": "split"})
+    rt = empty_runtime(Catalog(tmp_path / "split"), "tiny")
+    pretune(rt, MEMBERS, cfg, progress=False)
+    # The reference: the first stage on each character's 1st and 3rd dialogue, the second
+    # stage on its 2nd.
+    ref = empty_runtime(Catalog(tmp_path / "ref"), "tiny")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shared = ref.bank.add_blocks(2, "lora", gen)
+    own = ref.bank.add_blocks(2, init="lora", generator=gen)
+    first, second = [
+        [
+            ex
+            for (card, dialogues), k in zip(MEMBERS, own, strict=True)
+            for ex in character_examples(ref.loaded, card, dialogues[part], k)
+        ]
+        for part in (slice(0, None, 2), slice(1, None, 2))
+    ]
+    shared_stage = {"progress": False, "shared": shared, "train_own": False, "train_shared": True}
+    if schedule == "staged":
+        train_blocks(ref.loaded, ref.bank, first, cfg, **shared_stage)
+        train_blocks(ref.loaded, ref.bank, second, cfg, progress=False, shared=shared)
+    else:
+        train_blocks(ref.loaded, ref.bank, first, cfg, progress=False)
+        train_blocks(ref.loaded, ref.bank, second, cfg, own_in_gate=True, **shared_stage)
+    everyone = empty_runtime(Catalog(tmp_path / "all"), "tiny")
+    pretune(everyone, MEMBERS, dataclasses.replace(cfg, stage_data="all"), progress=False)
+    for (card, _), k in zip(MEMBERS, own, strict=True):
+        want = ref.bank.get_block(k)
+        split_block, all_block = (r.slots[r.catalog.find(card.name).key] for r in (rt, everyone))
+        assert _same(rt.bank.get_block(split_block), want), card.name
+        assert not _same(everyone.bank.get_block(all_block), want), card.name
+    assert _same(rt.bank.get_block(rt.shared[0]), ref.bank.get_block(shared[0]))
+    with pytest.raises(ValueError, match="staged or own-first"):
+        TrainConfig(shared_rank=8, stage_data="split")
+    with pytest.raises(ValueError, match="stage_data"):
+        TrainConfig(shared_rank=8, schedule="staged", stage_data="halves")
+    lonely = [(MEMBERS[0][0], MEMBERS[0][1][:1]), MEMBERS[1]]
+    with pytest.raises(TrainingError, match="Ash: split stage data needs at least 2"):
+        pretune(empty_runtime(Catalog(tmp_path / "one"), "tiny"), lonely, cfg, progress=False)
+
+
 def test_a_stage_trains_only_its_blocks_under_the_full_gate(tiny):
     """Own-first's second stage: the shared block learns on top of frozen own blocks."""
     bank = LoRABank(tiny.model)
