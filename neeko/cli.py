@@ -453,9 +453,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{label}: lower for {c['own_lower']} of {c['of']}, mean gain {c['mean_gain']:.3f}")
     if "speaker_id" in result:
         sid = result["speaker_id"]
+        low, high = sid["ci95"]
         print(
             f"speaker identification: {sid['accuracy']:.3f} over {sid['turns']} turns "
-            f"(chance {sid['chance']:.3f})"
+            f"(95% interval {low:.3f}-{high:.3f}; chance {sid['chance']:.3f})"
         )
     cut = result["cut"]
     print(

@@ -66,7 +66,7 @@ def evaluate(
     trained = [k for k in heldout if catalog.require(k).status == "trained"]
     voices = trained if speaker_id and len(trained) > 1 else []
     table: dict[str, dict] = {}
-    hits = {"turns": 0, "hits": 0}
+    hits: dict[str, dict[str, int]] = {}
     cut = {"max_tokens": max_tokens, "dialogues_cut": 0, "tokens_dropped": 0}
     for key, dialogues in heldout.items():
         char = catalog.require(key)
@@ -80,8 +80,9 @@ def evaluate(
                 sums[name] += float(turns[i].sum())
             if char.key in voices:
                 best = turns[len(gates) :].argmin(dim=0)  # (turns,) index into voices
-                hits["hits"] += int((best == voices.index(char.key)).sum())
-                hits["turns"] += best.numel()
+                mine = hits.setdefault(char.name, {"hits": 0, "turns": 0})
+                mine["hits"] += int((best == voices.index(char.key)).sum())
+                mine["turns"] += best.numel()
         tokens = sum(_labelled(ex) for ex in examples)
         row: dict = {"status": char.status}
         row.update({name: total / tokens for name, total in sums.items()})
@@ -100,11 +101,14 @@ def evaluate(
     result: dict = {"characters": table, "mean": _means(table), "cut": cut}
     result["compare"] = _compare(table)
     if voices:
+        right, turns = (sum(h[k] for h in hits.values()) for k in ("hits", "turns"))
         result["speaker_id"] = {
-            "accuracy": hits["hits"] / hits["turns"],
+            "accuracy": right / turns,
+            "ci95": wilson_interval(right, turns),
             "chance": 1 / len(voices),
             "characters": len(voices),
-            "turns": hits["turns"],
+            "turns": turns,
+            "by_character": hits,
         }
     if roles:
         result["role_accuracy"] = role_accuracy(catalog, roles)
@@ -145,6 +149,18 @@ def _gates(rt: Runtime, char: Character) -> dict[str, Gate]:
         gates["nll_fused"] = as_unseen(rt, char)
     gates["nll_base"] = {}
     return gates
+
+
+def wilson_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at the default `z`)."""
+    if trials <= 0:
+        raise ValueError("no trials")
+    p, zz = hits / trials, z * z / trials
+    centre = (p + zz / 2) / (1 + zz)
+    half = z * math.sqrt(p * (1 - p) / trials + zz / (4 * trials)) / (1 + zz)
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # the edges are exact, not rounded
+    high = 1.0 if hits == trials else min(1.0, centre + half)
+    return low, high
 
 
 def turn_nlls(

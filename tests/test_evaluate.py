@@ -9,7 +9,7 @@ from neeko.cards import card_from_fields
 from neeko.catalog import Catalog
 from neeko.cli import TRAIN_DEFAULTS, main
 from neeko.dialogues import Dialogue, encode
-from neeko.evaluate import evaluate, turn_nlls
+from neeko.evaluate import evaluate, turn_nlls, wilson_interval
 from neeko.runtime import empty_runtime, open_runtime
 from neeko.train import TrainConfig, character_examples, pretune, token_nll
 
@@ -68,8 +68,25 @@ def test_eval_scores_a_fused_character_and_identifies_speakers(store):
     sid = result["speaker_id"]
     assert (sid["characters"], sid["turns"], sid["chance"]) == (3, 6, pytest.approx(1 / 3))
     assert 0 <= sid["accuracy"] <= 1
+    low, high = sid["ci95"]
+    assert 0 <= low <= sid["accuracy"] <= high <= 1
+    assert sid["by_character"].keys() == {"Ash", "Birch", "Cedar"}  # not the fused Dune
+    assert all(v["turns"] == 2 for v in sid["by_character"].values())
+    right = sum(v["hits"] for v in sid["by_character"].values())
+    assert sid["accuracy"] == right / 6
     assert result["compare"]["own_vs_base"]["of"] == 3  # trained characters only
     assert set(result["mean"]) >= {"nll_own", "nll_base"}
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # 24 of 80: p = 0.3, z^2/n = 0.048; centre 0.324 / 1.048, half-width 0.0985.
+    low, high = wilson_interval(24, 80)
+    assert (low, high) == (pytest.approx(0.21064, abs=1e-5), pytest.approx(0.40769, abs=1e-5))
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(6, 6)[1] == 1.0
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    with pytest.raises(ValueError, match="no trials"):
+        wilson_interval(0, 0)
 
 
 def test_speaker_id_finds_the_voice_that_was_trained(tmp_path):
