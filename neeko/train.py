@@ -82,7 +82,9 @@ class TrainConfig:
     """What the two stages of a staged or own-first schedule train on: `all`, every
     dialogue in both; `split`, each character's dialogues dealt alternately between them
     (the first stage the 1st, 3rd, ...; the second the 2nd, 4th, ...), so the second stage
-    learns on lines its predecessor has not fitted."""
+    learns on lines its predecessor has not fitted. On the Shakespeare corpus (staged,
+    anonymous, one epoch) it scores 3.959 nats in half the steps of `all` (3.963), and tells
+    the voices apart better (0.30 vs 0.225; README, "Measured on a real corpus")."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.epochs < 1 or self.batch_size < 1:
