@@ -250,27 +250,26 @@ def _train_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         default=defaults["shared_rank"],
         help="rank of the shared block pre-tuning trains with the own blocks (0: none)",
     )
-    p.add_argument(
-        "--schedule",
-        choices=("joint", "staged", "own-first"),
-        default=defaults["schedule"],
-        help="train shared and own blocks together, the shared block first (staged), "
-        "or the own blocks first",
-    )
-    p.add_argument(
-        "--shared-prompt",
-        choices=("card", "anonymous"),
-        default=defaults["shared_prompt"],
-        help="the system prompt the shared block's own stage trains under: each "
-        "character's card, or one that names no one (staged and own-first only)",
-    )
-    p.add_argument(
-        "--stage-data",
-        choices=("all", "split"),
-        default=defaults["stage_data"],
-        help="what the two stages train on: every dialogue, or each character's dialogues "
-        "dealt alternately between them (staged and own-first only)",
-    )
+    stages = {
+        "schedule": (
+            ("joint", "staged", "own-first"),
+            "train shared and own blocks together, the shared block first (staged), "
+            "or the own blocks first",
+        ),
+        "shared_prompt": (
+            ("card", "anonymous"),
+            "the system prompt the shared block's own stage trains under: each "
+            "character's card, or one that names no one (staged and own-first only)",
+        ),
+        "stage_data": (
+            ("all", "split"),
+            "what the two stages train on: every dialogue, or each character's dialogues "
+            "dealt alternately between them (staged and own-first only)",
+        ),
+    }
+    for key, (choices, text) in stages.items():
+        flag = "--" + key.replace("_", "-")
+        p.add_argument(flag, choices=choices, default=defaults[key], help=text)
     if checkpoint:
         p.add_argument("--checkpoint", default=None, help="folder to checkpoint to / resume from")
 

@@ -153,6 +153,17 @@ def test_cli_defaults_are_the_training_defaults():
     assert {k: getattr(cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
 
 
+@pytest.mark.parametrize("command", ["train", "expand --store s --card c --data d", "eval"])
+def test_cli_stage_options_reach_the_training_config(command):
+    from neeko.cli import _parser, _train_config
+
+    stages = ["--schedule", "own-first", "--shared-prompt", "anonymous", "--stage-data", "split"]
+    args = _parser().parse_args([*command.split(), *stages, "--shared-rank", "8"])
+    cfg = _train_config(args)
+    got = (cfg.schedule, cfg.shared_prompt, cfg.stage_data, cfg.shared_rank)
+    assert got == ("own-first", "anonymous", "split", 8)
+
+
 @pytest.mark.real_model
 def test_committed_cast_plays_better_than_the_base_model():
     """Each cast member's gate beats the bare model on its held-out split."""
