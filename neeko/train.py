@@ -83,8 +83,8 @@ class TrainConfig:
     dialogue in both; `split`, each character's dialogues dealt alternately between them
     (the first stage the 1st, 3rd, ...; the second the 2nd, 4th, ...), so the second stage
     learns on lines its predecessor has not fitted. On the Shakespeare corpus (staged,
-    anonymous, one epoch) it scores 3.959 and 3.953 nats (two seeds) in half the steps of
-    `all` (3.963), and tells the voices apart better (0.30 and 0.41 vs 0.225; README,
+    anonymous, one epoch) it scores 3.973 nats over three seeds in half the steps of `all`
+    (3.963, one seed), and tells the voices apart better (0.31 pooled vs 0.225; README,
     "Measured on a real corpus")."""
 
     def __post_init__(self) -> None:
