@@ -457,6 +457,10 @@ def _eval(args: argparse.Namespace) -> int:
             f"speaker identification: {sid['accuracy']:.3f} over {sid['turns']} turns "
             f"(95% interval {low:.3f}-{high:.3f}; chance {sid['chance']:.3f})"
         )
+        for name, h in sid["by_character"].items():
+            misses = sorted(((n, g) for g, n in h["guesses"].items() if g != name), reverse=True)
+            went = ", ".join(f"{g} {n}" for n, g in misses)
+            print(f"  {name:<26} {h['hits']}/{h['turns']}" + (f"  (else: {went})" if went else ""))
     cut = result["cut"]
     print(
         f"cut at {cut['max_tokens']} tokens: {cut['dialogues_cut']} dialogues, "

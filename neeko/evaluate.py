@@ -61,10 +61,14 @@ def evaluate(
 
     `heldout` maps catalog keys (trained or fused characters) to their held-out dialogues;
     each is cut at `max_tokens` and what the cut leaves out is reported under "cut".
+    Speaker identification gives each trained character's turn to the voice whose gate
+    scores it lowest; `by_character` counts each one's hits, turns and `guesses` (turns won
+    per voice, by name: where the misses went).
     """
     catalog = rt.catalog
     trained = [k for k in heldout if catalog.require(k).status == "trained"]
     voices = trained if speaker_id and len(trained) > 1 else []
+    voice_names = [catalog.require(k).name for k in voices]
     table: dict[str, dict] = {}
     hits: dict[str, dict[str, int]] = {}
     cut = {"max_tokens": max_tokens, "dialogues_cut": 0, "tokens_dropped": 0}
@@ -80,9 +84,12 @@ def evaluate(
                 sums[name] += float(turns[i].sum())
             if char.key in voices:
                 best = turns[len(gates) :].argmin(dim=0)  # (turns,) index into voices
-                mine = hits.setdefault(char.name, {"hits": 0, "turns": 0})
+                mine = hits.setdefault(char.name, {"hits": 0, "turns": 0, "guesses": {}})
                 mine["hits"] += int((best == voices.index(char.key)).sum())
                 mine["turns"] += best.numel()
+                for i in best.tolist():
+                    guess = voice_names[i]
+                    mine["guesses"][guess] = mine["guesses"].get(guess, 0) + 1
         tokens = sum(_labelled(ex) for ex in examples)
         row: dict = {"status": char.status}
         row.update({name: total / tokens for name, total in sums.items()})

@@ -1,6 +1,7 @@
 """`neeko eval`: fused characters, batched scoring, speaker identification, cuts, budgets."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_eval_scores_a_fused_character_and_identifies_speakers(store):
     assert all(v["turns"] == 2 for v in sid["by_character"].values())
     right = sum(v["hits"] for v in sid["by_character"].values())
     assert sid["accuracy"] == right / 6
+    for name, v in sid["by_character"].items():  # every turn went to one trained voice
+        assert set(v["guesses"]) <= {"Ash", "Birch", "Cedar"}
+        assert sum(v["guesses"].values()) == v["turns"]
+        assert v["guesses"].get(name, 0) == v["hits"]
     assert result["compare"]["own_vs_base"]["of"] == 3  # trained characters only
     assert set(result["mean"]) >= {"nll_own", "nll_base"}
 
@@ -95,7 +100,12 @@ def test_speaker_id_finds_the_voice_that_was_trained(tmp_path):
     members = [_member("Ash", "fire fire fire", 4), _member("Birch", "trees trees trees", 4)]
     pretune(rt, members, TrainConfig(epochs=6, lr=5e-2, shared_rank=0), progress=False)
     heldout = {rt.catalog.find(c.name).key: d[:2] for c, d in members}
-    assert evaluate(rt, heldout)["speaker_id"]["accuracy"] == 1.0
+    sid = evaluate(rt, heldout)["speaker_id"]
+    assert sid["accuracy"] == 1.0
+    assert {n: v["guesses"] for n, v in sid["by_character"].items()} == {
+        "Ash": {"Ash": 2},
+        "Birch": {"Birch": 2},
+    }
 
 
 def test_cut_dialogues_are_reported_not_hidden(store):
@@ -124,7 +134,7 @@ def test_cli_eval_of_fused_characters_and_a_budgeted_baseline(store, capsys, tmp
                 {"role": "character", "content": f"{t}!"},
             ],
         }
-        for n, t in (("Ash", "fire"), ("Dune", "sand"))
+        for n, t in (("Ash", "fire"), ("Birch", "trees"), ("Dune", "sand"))
     ]
     held.write_text("\n".join(json.dumps(r) for r in rows))
     train = tmp_path / "train.jsonl"
@@ -140,6 +150,9 @@ def test_cli_eval_of_fused_characters_and_a_budgeted_baseline(store, capsys, tmp
     out = capsys.readouterr().out
     assert "[fused]" in out
     assert "shared LoRA baseline (rank 16, " in out
+    assert "speaker identification: " in out  # Ash and Birch, one turn each
+    for name, other in (("Ash", "Birch"), ("Birch", "Ash")):  # a hit, or who won instead
+        assert re.search(rf"^  {name} +(1/1$|0/1  \(else: {other} 1\)$)", out, re.M), out
     assert main([*args, *baseline, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["baseline"]["rank"] == 16
