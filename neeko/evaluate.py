@@ -19,6 +19,7 @@ Every row of one dialogue is scored in one batched forward, each under its own g
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +71,7 @@ def evaluate(
     voices = trained if speaker_id and len(trained) > 1 else []
     voice_names = [catalog.require(k).name for k in voices]
     table: dict[str, dict] = {}
-    hits: dict[str, dict[str, int]] = {}
+    hits: dict[str, dict] = {}
     cut = {"max_tokens": max_tokens, "dialogues_cut": 0, "tokens_dropped": 0}
     for key, dialogues in heldout.items():
         char = catalog.require(key)
@@ -84,12 +85,10 @@ def evaluate(
                 sums[name] += float(turns[i].sum())
             if char.key in voices:
                 best = turns[len(gates) :].argmin(dim=0)  # (turns,) index into voices
-                mine = hits.setdefault(char.name, {"hits": 0, "turns": 0, "guesses": {}})
+                mine = hits.setdefault(char.name, {"hits": 0, "turns": 0, "guesses": Counter()})
                 mine["hits"] += int((best == voices.index(char.key)).sum())
                 mine["turns"] += best.numel()
-                for i in best.tolist():
-                    guess = voice_names[i]
-                    mine["guesses"][guess] = mine["guesses"].get(guess, 0) + 1
+                mine["guesses"].update(voice_names[i] for i in best.tolist())
         tokens = sum(_labelled(ex) for ex in examples)
         row: dict = {"status": char.status}
         row.update({name: total / tokens for name, total in sums.items()})
