@@ -1,5 +1,6 @@
 """`neeko eval`: fused characters, batched scoring, speaker identification, cuts, budgets."""
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -164,6 +165,21 @@ def test_cli_eval_of_fused_characters_and_a_budgeted_baseline(store, capsys, tmp
 def test_cli_defaults_are_the_training_defaults():
     cfg = TrainConfig()
     assert {k: getattr(cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+
+
+def test_cli_stage_choices_are_the_training_configs():
+    from neeko.cli import _parser
+    from neeko.train import SCHEDULES, SHARED_PROMPTS, STAGE_DATA
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    stages = ("schedule", "shared_prompt", "stage_data")
+    choices = {a.dest: tuple(a.choices) for a in train._actions if a.dest in stages}
+    assert choices == {
+        "schedule": SCHEDULES,
+        "shared_prompt": SHARED_PROMPTS,
+        "stage_data": STAGE_DATA,
+    }
 
 
 @pytest.mark.parametrize("command", ["train", "expand --store s --card c --data d", "eval"])
