@@ -461,6 +461,11 @@ def _eval(args: argparse.Namespace) -> int:
             misses = sorted(((n, g) for g, n in h["guesses"].items() if g != name), reverse=True)
             went = ", ".join(f"{g} {n}" for n, g in misses)
             print(f"  {name:<26} {h['hits']}/{h['turns']}" + (f"  (else: {went})" if went else ""))
+        if words := sid.get("words"):
+            print(
+                f"  words alone (naive Bayes on the training turns): {words['accuracy']:.3f} "
+                f"({words['hits']}/{words['turns']})"
+            )
     cut = result["cut"]
     print(
         f"cut at {cut['max_tokens']} tokens: {cut['dialogues_cut']} dialogues, "

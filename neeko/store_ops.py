@@ -25,6 +25,7 @@ from neeko.lora import DEFAULT_RANK, BankConfig, LoRABank
 from neeko.model import cache_dir
 from neeko.runtime import CAST_STORE, Runtime, empty_runtime, open_runtime
 from neeko.train import TrainConfig, TrainReport, character_examples, expand, pretune, train_blocks
+from neeko.word_classifier import word_speaker_id
 
 
 def train_cast(
@@ -187,6 +188,7 @@ def eval_store(
     result["model"] = model
     if shared is not None:
         result["baseline"] = _baseline_info(shared)
+        _add_word_speaker_id(result, rt.catalog, train, heldout)
     return result
 
 
@@ -207,7 +209,34 @@ def eval_cast(
     result = evaluate(rt, heldout, shared, roles, limit)
     result["model"] = model
     result["baseline"] = _baseline_info(shared)
+    train = [d for _, dialogues in members for d in dialogues]
+    _add_word_speaker_id(result, rt.catalog, train, [d for ds in heldout.values() for d in ds])
     return result
+
+
+def _add_word_speaker_id(
+    result: dict, catalog: Catalog, train: list[Dialogue], heldout: list[Dialogue]
+) -> None:
+    """Put the words-only classifier's accuracy on the same voices under speaker_id.words.
+
+    Skipped when there is no speaker identification or the training data lacks a voice.
+    """
+    sid = result.get("speaker_id")
+    if sid is None:
+        return
+    voices = set(sid["by_character"])
+
+    def of_voices(dialogues: list[Dialogue]) -> list[Dialogue]:
+        named = ((d, catalog.find(d.character)) for d in dialogues)
+        return [
+            dataclasses.replace(d, character=c.name)
+            for d, c in named
+            if c is not None and c.name in voices
+        ]
+
+    train_v = of_voices(train)
+    if {d.character for d in train_v} == voices:
+        sid["words"] = word_speaker_id(train_v, of_voices(heldout))
 
 
 def _baseline_info(shared: Shared) -> dict:

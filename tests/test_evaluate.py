@@ -154,8 +154,11 @@ def test_cli_eval_of_fused_characters_and_a_budgeted_baseline(store, capsys, tmp
     assert "speaker identification: " in out  # Ash and Birch, one turn each
     for name, other in (("Ash", "Birch"), ("Birch", "Ash")):  # a hit, or who won instead
         assert re.search(rf"^  {name} +(1/1$|0/1  \(else: {other} 1\)$)", out, re.M), out
+    # "Yes." trains both voices alike and "fire!"/"trees!" are unseen: a tie, won by Ash.
+    assert "  words alone (naive Bayes on the training turns): 0.500 (1/2)" in out
     assert main([*args, *baseline, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["speaker_id"]["words"] == {"accuracy": 0.5, "hits": 1, "turns": 2, "alpha": 1.0}
     assert result["baseline"]["rank"] == 16
     assert not result["baseline"]["trained_now"]
     assert Path(result["baseline"]["path"]).exists()
