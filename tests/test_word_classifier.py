@@ -88,3 +88,5 @@ def test_a_held_out_speaker_without_training_lines_is_an_error():
     train = [_d("A", "x"), _d("B", "y")]
     with pytest.raises(ValueError, match="no training dialogues for C"):
         word_speaker_id(train, [_d("C", "z")])
+    with pytest.raises(ValueError, match="no held-out character turns"):
+        word_speaker_id(train, [Dialogue("A", [("user", "Anyone?")])])
