@@ -383,16 +383,30 @@ def test_the_rank_is_checked_when_a_store_is_read_or_set(tmp_path):
         TrainConfig(rank=0)
 
 
-def test_the_baseline_has_the_stores_total_rank(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEEKO_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture
+def fresh_baselines(tmp_path, monkeypatch) -> None:
+    """A cache with no baselines in it that shares the model conversion of the real one.
+
+    A new empty cache would convert the packaged model again (~30 s) for the tokenizer.
+    """
+    model_dir = model_lib.default_model_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / model_dir.name).symlink_to(model_dir, target_is_directory=True)
+    monkeypatch.setenv("NEEKO_CACHE_DIR", str(cache))
+
+
+@pytest.mark.usefixtures("fresh_baselines")
+def test_the_baseline_has_the_stores_total_rank():
     cfg = dataclasses.replace(RANK8, max_steps=1)
     shared = shared_baseline(MEMBERS, "tiny", cfg)
+    assert shared.trained  # not an earlier run's cached baseline
     assert shared.bank.config.rank == 16 + 8 * len(MEMBERS)
     assert shared.bank.config.scale == BankConfig().scale
 
 
-def test_eval_takes_the_baseline_rank_from_the_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEEKO_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.mark.usefixtures("fresh_baselines")
+def test_eval_takes_the_baseline_rank_from_the_store(tmp_path):
     store = tmp_path / "store"
     _train(store)
     dialogues = [d for _, ds in MEMBERS for d in ds]
