@@ -104,8 +104,8 @@ class _Linear(nn.Module):
     fast as the BLAS call for a single row on the 2-core CPU we measure on; for bf16 it
     reads half the bytes, and CPUs without native bf16 matmuls gain the most). The same
     for int8 ran 4x slower than fp32 there, so int8 keeps torch's kernel in the graph; one
-    row with int8 weights takes the native step (2.35x the fp32 native step, measured on
-    the 2-core AVX-512 CPU).
+    row with int8 weights takes the native step (3.3x the fp32 native step in one run on
+    the 2-core AVX-512 CPU; the ratio moves with the machine's memory speed).
     """
 
     def __init__(
