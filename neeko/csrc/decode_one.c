@@ -126,7 +126,9 @@ static inline float row_dot(const Mat *m, int64_t o, const float *x, int64_t n) 
 }
 
 #ifndef STREAMS
-#define STREAMS 4 /* row streams per thread in `rows_dot`; 8 ran 1.12x slower per step */
+/* Row streams per thread in `rows_dot`. Side by side per step: 2 ran 1.10x slower than 4;
+ * 6 and 8 were no faster (4 won four of five runs, by up to 1.12x). */
+#define STREAMS 4
 #endif
 
 /* STREAMS fp32 dot products read together, each with exactly `dot`'s arithmetic. */
