@@ -8,10 +8,10 @@
  * threads, with a few barriers per layer and nothing recomputed. A decode step at batch
  * 1 reads ~0.5 GB of weights for a few MFLOP, so it is bound by memory bandwidth; the
  * dot products keep two independent vector accumulators so the loads, not the add
- * latency, set the pace, and each thread reads its rows as four streams far apart
- * (`rows_dot`), so that enough reads are in flight to keep memory busy. Weights are fp32, or int8 with one scale per output row (a
- * quarter of the bytes; each weight is widened to fp32 in registers, and activations,
- * norms, attention and the blocks stay fp32).
+ * latency, set the pace, and each thread reads its fp32 rows as four streams far apart
+ * (`rows_dot`), so that enough reads are in flight to keep memory busy. Weights are fp32,
+ * or int8 with one scale per output row (a quarter of the bytes; each weight is widened
+ * to fp32 in registers, and activations, norms, attention and the blocks stay fp32).
  *
  * Built at first use by neeko/native.py with the system C compiler (-O3 -march=native
  * -fopenmp) and loaded with ctypes; OpenMP resolves to the runtime torch already loaded.
@@ -359,9 +359,9 @@ int neeko_decode_one(const Model *m, const Step *s) {
 }
 
 /* Reads every float of `n` arrays once, array after array, as a decode step streams its
- * weights (one parallel region; each thread's contiguous share of an array read as four
- * streams, as `rows_dot` reads rows; a barrier after each array); returns their sum so
- * the reads cannot be skipped. The benchmarks' floor for the step. */
+ * weights (one parallel region; each thread's contiguous share of an array read as
+ * STREAMS streams, as `rows_dot` reads rows; a barrier after each array); returns their
+ * sum so the reads cannot be skipped. The benchmarks' floor for the step. */
 double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
                   int64_t threads) {
     double total = 0.0;
@@ -371,17 +371,17 @@ double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
             const float *a = arrays[k];
             int64_t lo, hi;
             my_rows(sizes[k], &lo, &hi);
-            const int64_t q = (hi - lo) / (4 * LANES) * LANES; /* floats per stream */
-            vf acc[4] = {{0}}, v;
+            const int64_t q = (hi - lo) / (STREAMS * LANES) * LANES; /* floats per stream */
+            vf acc[STREAMS] = {{0}}, v;
             for (int64_t i = 0; i < q; i += LANES)
-                for (int s = 0; s < 4; s++) {
+                for (int s = 0; s < STREAMS; s++) {
                     memcpy(&v, a + lo + s * q + i, sizeof v);
                     acc[s] += v;
                 }
-            acc[0] += acc[1] + acc[2] + acc[3];
+            for (int s = 1; s < STREAMS; s++) acc[0] += acc[s];
             float sum = 0.0f;
             for (int l = 0; l < LANES; l++) sum += acc[0][l];
-            for (int64_t i = lo + 4 * q; i < hi; i++) sum += a[i];
+            for (int64_t i = lo + STREAMS * q; i < hi; i++) sum += a[i];
             total += sum;
 #pragma omp barrier
         }
