@@ -10,6 +10,7 @@ training dialogues, never by the held-out turns.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections import Counter
@@ -47,6 +48,17 @@ class WordClassifier:
         if len(self.counts) < 2:
             raise ValueError("a speaker classifier needs turns of two speakers or more")
         self.vocab = set().union(*self.counts.values())
+        self._smooth(alpha)
+
+    def with_alpha(self, alpha: float) -> WordClassifier:
+        """The same counts under another smoothing (nothing is recounted)."""
+        if alpha <= 0:
+            raise ValueError("alpha must be positive")
+        other = copy.copy(self)
+        other._smooth(alpha)
+        return other
+
+    def _smooth(self, alpha: float) -> None:
         self.alpha = alpha
         self._log_total = {
             s: math.log(c.total() + alpha * len(self.vocab)) for s, c in self.counts.items()
@@ -91,12 +103,12 @@ def choose_alpha(
         fit = character_turns(d for d, f in zip(train, fold_of, strict=True) if f != k)
         test = character_turns(d for d, f in zip(train, fold_of, strict=True) if f == k)
         if test and len({s for s, _ in fit}) >= 2:
-            splits.append((fit, test))
+            splits.append((WordClassifier(fit, alphas[0]), test))
     if not splits:
         return 1.0
 
     def cv(alpha: float) -> float:
-        return sum(WordClassifier(fit, alpha).accuracy(test) for fit, test in splits)
+        return sum(clf.with_alpha(alpha).accuracy(test) for clf, test in splits)
 
     return max(alphas, key=cv)
 

@@ -39,6 +39,16 @@ def test_scores_are_the_smoothed_multinomial_log_likelihood():
     assert clf.predict("sword") == "B"
 
 
+def test_another_smoothing_scores_as_a_classifier_trained_with_it():
+    turns = [("A", "crown crown"), ("B", "sword"), ("A", "a horse")]
+    reused = WordClassifier(turns, alpha=0.5).with_alpha(2.0)
+    assert reused.scores("crown and sword") == WordClassifier(turns, alpha=2.0).scores(
+        "crown and sword"
+    )
+    with pytest.raises(ValueError, match="positive"):
+        reused.with_alpha(0.0)
+
+
 def test_the_speakers_words_name_the_speaker_of_unseen_lines():
     train = [("Margaret", "revenge on York and all his house"), ("Henry", "peace and prayer")]
     train += [("Margaret", "York shall pay"), ("Henry", "pray for peace, good lords")]
