@@ -318,3 +318,18 @@ def test_failed_add_leaves_running_batch_intact(engine, bad, error):
 
 def test_no_requests_is_no_work(engine):
     assert engine.generate([]) == []
+
+
+def test_greedy_pick_matches_torch_on_ties_and_nan():
+    """The CPU greedy pick is torch's argmax: first of equal maxima, NaN as the maximum."""
+    from neeko.engine import _argmax
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 40] = logits[1, 8] = 1e9  # a tie: the first wins
+    logits[2, 250] = float("nan")
+    logits[3] = float("-inf")
+    picked = _argmax(logits[:, ::2])  # a strided view is read as it is
+    assert picked.dtype == torch.int64
+    assert picked.tolist() == logits[:, ::2].argmax(dim=-1).tolist()
+    assert picked[1] == 4
+    assert picked[2] == 125
