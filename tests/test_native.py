@@ -5,7 +5,14 @@ import logging
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from neeko import native
 from neeko.compiled import StaticDecoder
@@ -83,14 +90,47 @@ def test_int8_native_step_equals_the_reference_on_the_dequantized_weights(tiny, 
     _check_steps(q8, dec, bank, gate)
 
 
-def _check_steps(dec: StaticDecoder, ref: StaticDecoder, bank: LoRABank, gate) -> None:
-    """`dec.native` against `ref._forward` for one row in slot 0 of a 3-slot cache."""
+@pytest.mark.parametrize("head_dim", [16, 18, 64, 128])
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_native_attention_over_long_contexts(tiny, head_dim, spread):
+    """Hundreds of columns (split over the threads, exponentials a vector at a time, with
+    tails), head sizes the step specialises (64, 128) and others; with `spread` 40 most
+    attention weights underflow to zero."""
+    config = LlamaConfig(
+        vocab_size=tiny.model.config.vocab_size,
+        hidden_size=4 * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    dec, bank = _decoder(LoadedModel(model, tiny.tokenizer, "llama"), ("q_proj", "v_proj"))
+    _check_steps(dec, dec, bank, {0: 0.5, 1: 0.5}, columns=300, spread=spread)
+
+
+def _check_steps(
+    dec: StaticDecoder,
+    ref: StaticDecoder,
+    bank: LoRABank,
+    gate,
+    columns: int = 32,
+    spread: float = 1.0,
+) -> None:
+    """`dec.native` against `ref._forward` for one row in slot 0 of a 3-slot cache.
+
+    Keys are drawn with standard deviation `spread`.
+    """
     gen = torch.Generator().manual_seed(1)
-    slots, columns = 3, 32  # the row is slot 0 of a wider cache, as in a running batch
+    slots = 3  # the row is slot 0 of a wider cache, as in a running batch
     shape = (dec.n_layers, slots, dec.n_kv, columns, dec.head_dim)
-    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    keys = torch.randn(shape, generator=gen) * spread
+    values = torch.randn(shape, generator=gen)
     lora = None if gate is None else dec.lora_inputs(bank.routing([gate], path="gathered"), 1)
-    for position in (0, 1, 7, 20, columns - 1):
+    positions_checked = (0, 1, 7, 20, 33, 130, 255, columns - 1) if columns > 32 else ()
+    for position in positions_checked or (0, 1, 7, 20, columns - 1):
         tokens, positions = torch.tensor([17 + position]), torch.tensor([position])
         cos, sin = (t[: columns + 1] for t in dec.rope(columns + 1))
         args = (tokens, positions, keys[:, :1], values[:, :1], cos, sin)

@@ -5,13 +5,16 @@
  * attention over the row's cached columns plus its own, SiLU MLP, the blocks' low-rank
  * terms added to the projections they wrap), written so that one step is one OpenMP
  * parallel region: every weight matrix is streamed once, split by output rows over the
- * threads, with a few barriers per layer and nothing recomputed. A decode step at batch
- * 1 reads ~0.5 GB of weights for a few MFLOP, so it is bound by memory bandwidth; the
- * dot products keep independent vector accumulators so the loads, not the add latency,
- * set the pace, and each thread reads its fp32 rows as four streams far apart
- * (`rows_dot`), so that enough reads are in flight to keep memory busy. Weights are fp32,
- * or int8 with one scale per output row (a quarter of the bytes; each weight is widened
- * to fp32 in registers, and activations, norms, attention and the blocks stay fp32).
+ * threads, with a few barriers per layer. Attention is split by cached columns over the
+ * threads: each reads its columns' keys and values once for all heads of their group,
+ * then merges the threads' partial softmaxes for itself (split-K, as "flash decoding"
+ * does on GPUs). A decode step at batch 1 reads ~0.5 GB of weights for a few MFLOP, so
+ * it is bound by memory bandwidth; the dot products keep independent vector accumulators
+ * so the loads, not the add latency, set the pace, and each thread reads its fp32 rows as
+ * four streams far apart (`rows_dot`), so that enough reads are in flight to keep memory
+ * busy. Weights are fp32, or int8 with one scale per output row (a quarter of the bytes;
+ * each weight is widened to fp32 in registers, and activations, norms, attention and the
+ * blocks stay fp32).
  *
  * Built at first use by neeko/native.py with the system C compiler (-O3 -march=native
  * -fopenmp) and loaded with ctypes; OpenMP resolves to the runtime torch already loaded.
@@ -239,6 +242,148 @@ static void add_projection(const Mat *w, const float *x, int64_t n, const Lora *
 #pragma omp barrier
 }
 
+/* A vector of c in every lane. */
+#define SPLAT(c) ((vf){0} + (c))
+typedef int32_t vi __attribute__((vector_size(64)));
+
+/* *v = e^v in every lane, as Cephes' expf: 2^n times a polynomial of the remainder, within
+ * a few ulp of expf; v is clamped to [-87.34, 88.37] (e^v from 2^-126 to just below
+ * FLT_MAX), and NaN stays NaN. (In place: a 64-byte vector is not passed by value
+ * portably.) */
+static inline void vexp(vf *v) {
+    vf x = *v;
+    vi big = x > 88.3762626647949f, small = x < -87.3365447504f;
+    x = (vf)(((vi)x & ~big) | ((vi)SPLAT(88.3762626647949f) & big));
+    x = (vf)(((vi)x & ~small) | ((vi)SPLAT(-87.3365447504f) & small));
+    vf f = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(f, vi); /* toward zero; floor it: */
+    n += (vi)(__builtin_convertvector(n, vf) > f);
+    vf nf = __builtin_convertvector(n, vf);
+    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf y = SPLAT(1.9875691500e-4f);
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * (r * r) + r + 1.0f;
+    *v = y * (vf)((n + 127) << 23);
+}
+
+/* Up to this many vectors of a head's output stay in registers while the columns stream. */
+#define OUT_VECTORS 8
+/* Columns ahead whose keys and values `attend` asks for (one group's columns are one
+ * stream per thread, too few reads in flight without it). */
+#define AHEAD 8
+
+/* One kv group's attention over columns [c0, c1) of its cache (column `pos` is the new
+ * key and value): for each of the `g` heads sharing the group, the scores' maximum, the
+ * sum of their exponentials and the values weighted by those, as `part[head]` = (max, sum,
+ * out[d]). Keys and values are each read once for all heads of the group. `D` is a
+ * constant where inlined, so the vector loops unroll into registers. */
+static inline __attribute__((always_inline)) void attend(
+    const float *restrict kc, const float *restrict vc, int64_t cs, int64_t pos,
+    const float *restrict q, const float *restrict knew, const float *restrict vnew,
+    int64_t g, int64_t c0, int64_t c1, float scale, float *restrict scores,
+    float *restrict part, const int64_t D) {
+    const int64_t n = c1 - c0, whole = D / LANES * LANES;
+    for (int64_t j = 0; j < g; j++) part[j * (D + 2)] = -INFINITY;
+    for (int64_t c = c0; c < c1; c++) {
+        const float *k = c < pos ? kc + c * cs : knew;
+        for (int64_t i = 0; i < D; i += LANES) __builtin_prefetch(kc + (c + AHEAD) * cs + i, 0, 3);
+        for (int64_t j = 0; j < g; j++) {
+            const float *qj = q + j * D;
+            vf acc = {0}, kv, qv;
+            for (int64_t i = 0; i < whole; i += LANES) {
+                memcpy(&kv, k + i, sizeof kv);
+                memcpy(&qv, qj + i, sizeof qv);
+                acc += kv * qv;
+            }
+            float sc = lanes_sum(&acc);
+            for (int64_t i = whole; i < D; i++) sc += k[i] * qj[i];
+            sc *= scale;
+            scores[j * n + c - c0] = sc;
+            float *top = part + j * (D + 2);
+            *top = sc > *top ? sc : *top;
+        }
+    }
+    for (int64_t j = 0; j < g; j++) {
+        float *sc = scores + j * n, *pj = part + j * (D + 2);
+        const float top = pj[0];
+        vf acc = {0}, v;
+        int64_t c = 0;
+        for (; c + LANES <= n; c += LANES) {
+            memcpy(&v, sc + c, sizeof v);
+            v -= top;
+            vexp(&v);
+            memcpy(sc + c, &v, sizeof v);
+            acc += v;
+        }
+        float total = lanes_sum(&acc);
+        for (; c < n; c++) total += sc[c] = expf(sc[c] - top);
+        pj[1] = total;
+        float *out = pj + 2;
+        for (int64_t d0 = 0; d0 < whole; d0 += OUT_VECTORS * LANES) {
+            const int64_t nv = (whole - d0) / LANES < OUT_VECTORS ? (whole - d0) / LANES
+                                                                 : OUT_VECTORS;
+            vf o[OUT_VECTORS] = {{0}};
+            for (int64_t cc = c0; cc < c1; cc++) {
+                const float *val = (cc < pos ? vc + cc * cs : vnew) + d0;
+                if (j == 0) /* the first head reads the values from memory */
+                    for (int64_t i = 0; i < nv * LANES; i += LANES)
+                        __builtin_prefetch(val + AHEAD * cs + i, 0, 3);
+                const float p = sc[cc - c0];
+                for (int64_t i = 0; i < nv; i++) {
+                    memcpy(&v, val + i * LANES, sizeof v);
+                    o[i] += p * v;
+                }
+            }
+            for (int64_t i = 0; i < nv; i++) memcpy(out + d0 + i * LANES, &o[i], sizeof v);
+        }
+        for (int64_t d = whole; d < D; d++) {
+            float t = 0.0f;
+            for (int64_t cc = c0; cc < c1; cc++)
+                t += sc[cc - c0] * (cc < pos ? vc + cc * cs : vnew)[d];
+            out[d] = t;
+        }
+    }
+}
+
+/* `attend` with the head size as a constant where it is a common one. */
+static void attend_any(const float *kc, const float *vc, int64_t cs, int64_t pos,
+                       const float *q, const float *knew, const float *vnew, int64_t g,
+                       int64_t c0, int64_t c1, float scale, float *scores, float *part,
+                       int64_t D) {
+    if (D == 64)
+        attend(kc, vc, cs, pos, q, knew, vnew, g, c0, c1, scale, scores, part, 64);
+    else if (D == 128)
+        attend(kc, vc, cs, pos, q, knew, vnew, g, c0, c1, scale, scores, part, 128);
+    else
+        attend(kc, vc, cs, pos, q, knew, vnew, g, c0, c1, scale, scores, part, D);
+}
+
+/* out[h] = head h's attention output from the threads' parts (`attend`, `T` of them, each
+ * NH heads of D + 2 floats): the parts' sums and outputs rescaled to the largest maximum. */
+static void merge_heads(const float *parts, int64_t T, int64_t NH, int64_t D, float *out) {
+    for (int64_t h = 0; h < NH; h++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float mt = parts[(t * NH + h) * (D + 2)];
+            top = mt > top ? mt : top;
+        }
+        float *o = out + h * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float *p = parts + (t * NH + h) * (D + 2);
+            if (p[1] == 0.0f) continue; /* no columns */
+            const float w = expf(p[0] - top);
+            total += w * p[1];
+            for (int64_t d = 0; d < D; d++) o[d] += w * p[2 + d];
+        }
+        for (int64_t d = 0; d < D; d++) o[d] /= total;
+    }
+}
+
 static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
     int64_t half = d / 2;
     for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
@@ -247,10 +392,10 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t d, 
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* Floats of the shared scratch buffer: h, qkv, roped q, attention output, MLP hidden. */
+/* Floats of the shared scratch buffer: h, qkv, the threads' attention parts, MLP hidden. */
 static int64_t shared_floats(const Model *m) {
     int64_t qd = m->heads * m->head_dim, kd = m->kv_heads * m->head_dim;
-    return m->hidden + (qd + 2 * kd) + qd + qd + m->inter;
+    return m->hidden + (qd + 2 * kd) + m->threads * m->heads * (m->head_dim + 2) + m->inter;
 }
 
 /* Returns 0, or -1 if scratch memory could not be allocated. */
@@ -263,9 +408,10 @@ int neeko_decode_one(const Model *m, const Step *s) {
     const float scale = 1.0f / sqrtf((float)D);
     int64_t zn = 0;
     for (int p = 0; p < N_PROJ; p++) zn += m->lora[p].a ? m->lora[p].kp : 0;
-    /* per thread: the normed input, the blocks' inputs z, one head's scores, its rows'
-     * products (at most a whole up or down projection's) */
-    const int64_t private_n = H + zn + (pos + 1) + (I > H ? I : H);
+    /* per thread: the normed input, the blocks' inputs z, the roped q and new k, the
+     * attention output, one kv group's scores, its rows' products (at most a whole up or
+     * down projection's) */
+    const int64_t private_n = H + zn + QD + KD + QD + group * (pos + 1) + (I > H ? I : H);
     float *shared = malloc(sizeof(float) * shared_floats(m));
     float *private_all = malloc(sizeof(float) * private_n * m->threads);
     if (!shared || !private_all) {
@@ -273,14 +419,20 @@ int neeko_decode_one(const Model *m, const Step *s) {
         free(private_all);
         return -1;
     }
-    float *h = shared, *qkv = h + H, *qrot = qkv + QKV, *attn = qrot + QD, *y = attn + QD;
+    float *h = shared, *qkv = h + H, *parts = qkv + QKV, *y = parts + m->threads * NH * (D + 2);
     memcpy(h, m->embed + s->token * H, sizeof(float) * H);
 
 #pragma omp parallel num_threads(m->threads)
     {
         const int tid = omp_get_thread_num();
-        float *x = private_all + tid * private_n, *zbase = x + H, *scores = zbase + zn;
-        float *d = scores + pos + 1;
+        float *x = private_all + tid * private_n, *zbase = x + H, *qrot = zbase + zn;
+        float *knew = qrot + QD, *attn = knew + KD, *scores = attn + QD;
+        float *d = scores + group * (pos + 1);
+        /* this thread's columns of the attention */
+        int64_t c0, c1;
+        my_rows(pos + 1 - start, &c0, &c1);
+        c0 += start;
+        c1 += start;
         float *z[N_PROJ];
         {
             float *next = zbase;
@@ -312,43 +464,24 @@ int neeko_decode_one(const Model *m, const Step *s) {
                 qkv[o] = v;
             }
 #pragma omp barrier
-            float *nk = s->new_k + layer * KD, *nv = s->new_v + layer * KD;
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < NH + NKV; j++) {
-                if (j < NH) {
-                    rope(qkv + j * D, s->cos, s->sin, D, qrot + j * D);
-                } else {
-                    int64_t g = j - NH;
-                    rope(qkv + QD + g * D, s->cos, s->sin, D, nk + g * D);
-                    memcpy(nv + g * D, qkv + QD + KD + g * D, sizeof(float) * D);
-                }
+            /* every thread ropes q and the new keys for itself; thread 0 returns them */
+            for (int64_t j = 0; j < NH; j++) rope(qkv + j * D, s->cos, s->sin, D, qrot + j * D);
+            for (int64_t g = 0; g < NKV; g++)
+                rope(qkv + QD + g * D, s->cos, s->sin, D, knew + g * D);
+            const float *vnew = qkv + QD + KD;
+            if (tid == 0) {
+                memcpy(s->new_k + layer * KD, knew, sizeof(float) * KD);
+                memcpy(s->new_v + layer * KD, vnew, sizeof(float) * KD);
             }
-#pragma omp for schedule(static)
-            for (int64_t hh = 0; hh < NH; hh++) {
-                const int64_t g = hh / group;
-                const float *q = qrot + hh * D;
-                const float *kc = s->keys + layer * s->layer_stride + g * s->head_stride;
-                const float *vc = s->values + layer * s->layer_stride + g * s->head_stride;
-                float top = -INFINITY;
-                for (int64_t c = start; c <= pos; c++) {
-                    const float *k = c < pos ? kc + c * s->column_stride : nk + g * D;
-                    float sc = dot(k, q, D) * scale;
-                    scores[c] = sc;
-                    top = sc > top ? sc : top;
-                }
-                float total = 0.0f;
-                for (int64_t c = start; c <= pos; c++) {
-                    scores[c] = expf(scores[c] - top);
-                    total += scores[c];
-                }
-                float *out = attn + hh * D;
-                for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-                for (int64_t c = start; c <= pos; c++) {
-                    const float *v = c < pos ? vc + c * s->column_stride : nv + g * D;
-                    const float p = scores[c] / total;
-                    for (int64_t d = 0; d < D; d++) out[d] += p * v[d];
-                }
-            }
+            /* attention split by columns over the threads, merged by each for itself */
+            for (int64_t g = 0; g < NKV; g++)
+                attend_any(s->keys + layer * s->layer_stride + g * s->head_stride,
+                           s->values + layer * s->layer_stride + g * s->head_stride,
+                           s->column_stride, pos, qrot + g * group * D, knew + g * D,
+                           vnew + g * D, group, c0, c1, scale, scores,
+                           parts + (tid * NH + g * group) * (D + 2), D);
+#pragma omp barrier
+            merge_heads(parts, omp_get_num_threads(), NH, D, attn);
             add_projection(&m->o[layer], attn, QD, &L[O], layer, z[O], d, H, h);
             /* MLP: gate and up of one output together, then down */
             rms_norm(h, m->ln_post[layer], m->eps, H, x);
