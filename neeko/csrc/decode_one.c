@@ -135,6 +135,9 @@ static inline float row_dot(const Mat *m, int64_t o, const float *x, int64_t n) 
 #endif
 /* Rows per stream whose lanes `rows_dot` sums together, after streaming them. */
 #define ROW_BLOCK 16
+/* How far ahead (floats) each stream asks for its weights: the hardware's own prefetch
+ * keeps too few reads in flight (0.5-2 KB ahead ran 1.03-1.04x faster side by side). */
+#define PREFETCH 128
 
 /* The sum of a vector's lanes, as a tree. */
 static inline float lanes_sum(const vf *a) {
@@ -158,6 +161,7 @@ static inline void dot_rows(const float *const w[STREAMS], const float *restrict
     for (int64_t i = 0; i + LANES <= n; i += LANES) {
         memcpy(&xv, x + i, sizeof xv);
         for (int k = 0; k < STREAMS; k++) {
+            __builtin_prefetch(w[k] + i + PREFETCH, 0, 2);
             memcpy(&wv, w[k] + i, sizeof wv);
             acc[k] += wv * xv;
         }
@@ -512,8 +516,9 @@ int neeko_decode_one(const Model *m, const Step *s) {
 
 /* Reads every float of `n` arrays once, array after array, as a decode step streams its
  * weights (one parallel region; each thread's contiguous share of an array read as
- * STREAMS streams, as `rows_dot` reads rows; a barrier after each array); returns their
- * sum so the reads cannot be skipped. The benchmarks' floor for the step. */
+ * STREAMS streams, each asking PREFETCH floats ahead, as `rows_dot` reads rows; a barrier
+ * after each array); returns their sum so the reads cannot be skipped. The benchmarks'
+ * floor for the step. */
 double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
                   int64_t threads) {
     double total = 0.0;
@@ -527,6 +532,7 @@ double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
             vf acc[STREAMS] = {{0}}, v;
             for (int64_t i = 0; i < q; i += LANES)
                 for (int s = 0; s < STREAMS; s++) {
+                    __builtin_prefetch(a + lo + s * q + i + PREFETCH, 0, 2);
                     memcpy(&v, a + lo + s * q + i, sizeof v);
                     acc[s] += v;
                 }
