@@ -292,21 +292,27 @@ class StaticDecoder(nn.Module):
         keys: Tensor,
         values: Tensor,
         lora: LoRAInputs | None,
+        write: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (rows, vocab) of `tokens` (rows,) at `positions` (rows,), and their KV.
 
         `keys`/`values`: (layers, rows, kv_heads, columns, head_dim), column j of a row valid
         iff j < its position. Returns the new keys and values as (layers, rows, kv_heads,
-        head_dim) for the caller to write at column `positions`.
+        head_dim); with `write` they are also stored at column `positions` of every row
+        (the native step stores them itself, sparing the caller's indexed write).
         """
         # positions are at most the columns; tables cut to this length keep one shape per bucket
         length = int(keys.shape[3]) + 1
         cos, sin = (t[:length] for t in self.rope(length))
         if self.native is not None and tokens.shape[0] == 1:
-            return self.native(tokens, positions, keys, values, cos, sin, lora)
-        if lora is None:
-            return self._step(tokens, positions, keys, values, cos, sin, (), (), None)
-        return self._step(tokens, positions, keys, values, cos, sin, lora.a, lora.b, lora.w)
+            return self.native(tokens, positions, keys, values, cos, sin, lora, write)
+        a, b, w = (lora.a, lora.b, lora.w) if lora is not None else ((), (), None)
+        logits, new_k, new_v = self._step(tokens, positions, keys, values, cos, sin, a, b, w)
+        if write:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            keys[:, rows, :, positions] = new_k.transpose(0, 1)
+            values[:, rows, :, positions] = new_v.transpose(0, 1)
+        return logits, new_k, new_v
 
     def _forward(
         self,

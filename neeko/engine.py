@@ -604,12 +604,15 @@ class StaticDecodeBatch(DecodeBatch):
             self._lora_rows = slots
         tokens = _pad(self.pending, slots, self.engine.pad_id)
         positions = _pad(self.positions, slots, 0)
-        logits, new_k, new_v = self.decoder.step(
-            tokens, positions, keys[:, :slots, :, :used], values[:, :slots, :, :used], self._lora
+        # the padding rows' keys land in free slots, which a joining row overwrites
+        logits, _, _ = self.decoder.step(
+            tokens,
+            positions,
+            keys[:, :slots, :, :used],
+            values[:, :slots, :, :used],
+            self._lora,
+            write=True,
         )
-        at = torch.arange(n, device=keys.device)
-        keys[:, at, :, self.positions] = new_k[:, :n].transpose(0, 1)
-        values[:, at, :, self.positions] = new_v[:, :n].transpose(0, 1)
         return self._advance(logits)
 
     def _row_kv(self, i: int) -> list[tuple[Tensor, Tensor]]:

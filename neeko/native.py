@@ -69,6 +69,7 @@ class _Step(ctypes.Structure):
         *((name, _P) for name in ("cos", "sin", "keys", "values")),
         *((name, _I) for name in ("layer_stride", "head_stride", "column_stride")),
         *((name, _P) for name in ("logits", "new_k", "new_v")),
+        ("write", _I),
     )
 
 
@@ -246,6 +247,7 @@ class NativeStep:
         cos: Tensor,
         sin: Tensor,
         lora: LoRAInputs | None,
+        write: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """As `StaticDecoder.step` for one row: logits (1, vocab), new keys and values."""
         m = self.model
@@ -271,6 +273,7 @@ class NativeStep:
             logits=logits.data_ptr(),
             new_k=new_k.data_ptr(),
             new_v=new_v.data_ptr(),
+            write=int(write),
         )
         if self.lib.neeko_decode_one(ctypes.byref(m), ctypes.byref(step)):
             raise MemoryError("native decode step: out of memory")

@@ -193,3 +193,25 @@ def test_the_floor_reader_reads_every_float_once():
     assert native.reader(tensors, lib)() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="contiguous fp32"):
         native.reader([torch.ones(4, 4).t()], lib)
+
+
+@pytest.mark.parametrize(("use_native", "rows"), [(True, 1), (False, 1), (False, 3)])
+def test_step_stores_the_new_keys_and_values_only_when_asked(tiny, use_native, rows):
+    """With `write` the cache gains exactly the returned keys/values at each row's position."""
+    dec = StaticDecoder(tiny, compile=False, native=use_native)
+    assert (dec.native is not None) == use_native
+    gen = torch.Generator().manual_seed(2)
+    shape = (dec.n_layers, rows, dec.n_kv, 16, dec.head_dim)
+    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    tokens, positions = torch.tensor([5, 6, 7][:rows]), torch.tensor([9, 0, 15][:rows])
+    want_k, want_v = keys.clone(), values.clone()
+    with torch.inference_mode():
+        _, new_k, new_v = dec.step(tokens, positions, keys, values, None)
+        assert torch.equal(keys, want_k)
+        assert torch.equal(values, want_v)
+        _, new_k, new_v = dec.step(tokens, positions, keys, values, None, write=True)
+    assert not torch.equal(keys, want_k)
+    for r, p in enumerate(positions.tolist()):
+        want_k[:, r, :, p], want_v[:, r, :, p] = new_k[:, r], new_v[:, r]
+    assert torch.equal(keys, want_k)
+    assert torch.equal(values, want_v)

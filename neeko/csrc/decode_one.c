@@ -63,11 +63,13 @@ typedef struct {
 
 typedef struct {
     int64_t token, position;
-    const float *cos, *sin;     /* (head_dim,) at `position` */
-    const float *keys, *values; /* the row's cache; columns [0, position) are valid */
+    const float *cos, *sin; /* (head_dim,) at `position` */
+    float *keys, *values;   /* the row's cache; columns [0, position) are valid */
     int64_t layer_stride, head_stride, column_stride; /* in floats; head_dim is contiguous */
-    float *logits;              /* (vocab,) */
-    float *new_k, *new_v;       /* (layers, kv_heads, head_dim) */
+    float *logits;          /* (vocab,) */
+    float *new_k, *new_v;   /* (layers, kv_heads, head_dim) */
+    int64_t write;          /* nonzero: also store the new keys and values in the cache, at
+                             * column `position` */
 } Step;
 
 static inline float dot(const float *restrict w, const float *restrict x, int64_t n) {
@@ -473,9 +475,15 @@ int neeko_decode_one(const Model *m, const Step *s) {
             for (int64_t g = 0; g < NKV; g++)
                 rope(qkv + QD + g * D, s->cos, s->sin, D, knew + g * D);
             const float *vnew = qkv + QD + KD;
-            if (tid == 0) {
+            if (tid == 0) { /* no other thread reads column `pos` of the cache */
                 memcpy(s->new_k + layer * KD, knew, sizeof(float) * KD);
                 memcpy(s->new_v + layer * KD, vnew, sizeof(float) * KD);
+                for (int64_t g = 0; g < NKV && s->write; g++) {
+                    const int64_t at = layer * s->layer_stride + g * s->head_stride +
+                                       pos * s->column_stride;
+                    memcpy(s->keys + at, knew + g * D, sizeof(float) * D);
+                    memcpy(s->values + at, vnew + g * D, sizeof(float) * D);
+                }
             }
             /* attention split by columns over the threads, merged by each for itself */
             for (int64_t g = 0; g < NKV; g++)
