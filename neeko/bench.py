@@ -188,6 +188,8 @@ def run_engine_bench(
     same_tokens, max_diff, base_diff = _mixed_vs_alone(ours, bank, new_tokens, base)
     _log("a follow-up turn after a 1,500-token history: reused KV cache vs full prefill")
     followup = _followup(ours, rounds, new_tokens)
+    _log("batch-1 decode after the 1,500-token history vs after the prompt alone")
+    long_context = _long_context(compiled, rounds, new_tokens)
 
     base16 = med["base_b16"].tpot_s
     out: dict[str, Any] = {f"tok_s_{name}": round(t.tok_s, 2) for name, t in med.items()}
@@ -233,6 +235,7 @@ def run_engine_bench(
         )
     out |= nll
     out |= followup
+    out |= long_context
     out |= {f"tpot_ms_{name}": round(t.tpot_s * 1e3, 3) for name, t in med.items()}
     out |= {f"ttft_ms_{name}": round(t.ttft_s * 1e3, 3) for name, t in med.items()}
     out |= {
@@ -472,17 +475,44 @@ FILLER = (
 )
 
 
+def _history(engine: Engine) -> list[dict]:
+    """The bench's prompt with ~1,500 tokens of a channel's earlier turns before its question."""
+    history = [PROMPT[0]]
+    while len(engine.render(history)) < 1500:
+        history.append({"role": "user", "content": f"Ann: {FILLER}"})
+        history.append({"role": "assistant", "content": FILLER})
+    return [*history, PROMPT[1]]
+
+
+def _long_context(engine: Engine, rounds: int, new_tokens: int) -> dict[str, Any]:
+    """One character's batch-1 decode after the ~1,500-token history vs after the prompt alone.
+
+    Alternating, one reply of each per round (the first round warms up); time per output
+    token as `Timing.tpot_s`.
+    """
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    prompts = {"short": PROMPT, "long": _history(engine)}
+    tpot: dict[str, list[float]] = {name: [] for name in prompts}
+    for r in range(rounds + 1):
+        for name, messages in prompts.items():
+            result = engine.generate([GenerationRequest(messages, {0: 1.0}, sampling)])[0]
+            if r:
+                tpot[name].append(_tpot(result))
+    short, long = (statistics.median(tpot[name]) for name in prompts)
+    return {
+        "decode_b1_long_vs_short": round(short / long, 4),
+        "tpot_ms_compiled_b1_long": round(long * 1e3, 3),
+        "long_prompt_tokens": len(engine.render(prompts["long"])),
+    }
+
+
 def _followup(engine: Engine, rounds: int, new_tokens: int) -> dict[str, Any]:
     """Time to first token of a channel's next turn after a ~1,500-token history.
 
     With its previous turn's KV cache reused vs prefilled in full, alternating; and whether
     both give the same greedy tokens.
     """
-    history = [PROMPT[0]]
-    while len(engine.render(history)) < 1500:
-        history.append({"role": "user", "content": f"Ann: {FILLER}"})
-        history.append({"role": "assistant", "content": FILLER})
-    history.append(PROMPT[1])
+    history = _history(engine)
     gate = {0: 1.0}
     first = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)

@@ -27,6 +27,7 @@ KEYS = {
     "scale_1000_vs_10",
     "mixed_matches_alone",
     "decode_b1_vs_floor",
+    "decode_b1_long_vs_short",
     "compiled_vs_eager_b1",
     "compiled_vs_eager_k8_b16",
     "lowp_vs_fp32_b1",
@@ -72,6 +73,9 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["decode_b1_vs_weights_read"] == pytest.approx(ratio, rel=1e-2 + rounding)
     ratio = result["ttft_ms_followup_reused"] / result["ttft_ms_followup_full"]
     assert result["ttft_followup_vs_full"] == pytest.approx(ratio, rel=1e-2)
+    assert result["long_prompt_tokens"] > 1500
+    assert result["tpot_ms_compiled_b1_long"] > 0
+    assert result["decode_b1_long_vs_short"] > 0
 
 
 @pytest.mark.redis
