@@ -250,6 +250,8 @@ class StaticDecoder(nn.Module):
         if (compile if native is None else native) and native_lib.supports(self):
             lib = native_lib.library()
             self.native = NativeStep(self, lib) if lib is not None else None
+        self.native_rows = native_lib.BATCH_ROWS if weights in native_lib.BATCH_WEIGHTS else 1
+        """Steps of up to this many rows run natively (where `native` is set)."""
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -293,19 +295,25 @@ class StaticDecoder(nn.Module):
         values: Tensor,
         lora: LoRAInputs | None,
         write: bool = False,
+        live: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (rows, vocab) of `tokens` (rows,) at `positions` (rows,), and their KV.
 
         `keys`/`values`: (layers, rows, kv_heads, columns, head_dim), column j of a row valid
         iff j < its position. Returns the new keys and values as (layers, rows, kv_heads,
         head_dim); with `write` they are also stored at column `positions` of every row
-        (the native step stores them itself, sparing the caller's indexed write).
+        (the native step stores them itself, sparing the caller's indexed write). Rows from
+        `live` on are padding: their outputs are to be ignored (the native step skips them,
+        leaving them zero, and writes nothing for them).
         """
         # positions are at most the columns; tables cut to this length keep one shape per bucket
         length = int(keys.shape[3]) + 1
         cos, sin = (t[:length] for t in self.rope(length))
-        if self.native is not None and tokens.shape[0] == 1:
+        rows = int(tokens.shape[0])
+        if self.native is not None and rows == 1:
             return self.native(tokens, positions, keys, values, cos, sin, lora, write)
+        if self.native is not None and rows <= self.native_rows:
+            return self.native.batch(tokens, positions, keys, values, cos, sin, lora, write, live)
         a, b, w = (lora.a, lora.b, lora.w) if lora is not None else ((), (), None)
         logits, new_k, new_v = self._step(tokens, positions, keys, values, cos, sin, a, b, w)
         if write:

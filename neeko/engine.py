@@ -612,6 +612,7 @@ class StaticDecodeBatch(DecodeBatch):
             values[:, :slots, :, :used],
             self._lora,
             write=True,
+            live=n,
         )
         return self._advance(logits)
 

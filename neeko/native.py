@@ -35,6 +35,10 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_one.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 NATIVE_WEIGHTS = ("fp32", "int8")
 """The weight storages of `neeko.compiled` the native step reads."""
+BATCH_WEIGHTS = ("fp32",)
+"""The storages the native step of several rows reads."""
+BATCH_ROWS = 16
+"""Steps of up to this many rows run natively; larger ones run the compiled graph."""
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of a decoder layer, in the order of the source's `enum`."""
 log = logging.getLogger(__name__)
@@ -73,6 +77,17 @@ class _Step(ctypes.Structure):
     )
 
 
+class _Batch(ctypes.Structure):
+    _fields_ = (
+        *((name, _I) for name in ("rows", "slots")),
+        *((name, _P) for name in ("tokens", "positions", "cos", "sin", "keys", "values")),
+        *((name, _I) for name in ("layer_stride", "slot_stride", "head_stride", "column_stride")),
+        *((name, _P) for name in ("logits", "new_k", "new_v")),
+        ("write", _I),
+        ("lora", _Lora * len(PROJECTIONS)),
+    )
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built library (built now if need be), or None where it cannot be built."""
@@ -107,6 +122,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.neeko_decode_one.argtypes = (ctypes.POINTER(_Model), ctypes.POINTER(_Step))
     lib.neeko_decode_one.restype = ctypes.c_int
+    lib.neeko_decode_batch.argtypes = (ctypes.POINTER(_Model), ctypes.POINTER(_Batch))
+    lib.neeko_decode_batch.restype = ctypes.c_int
     lib.neeko_read.argtypes = (_P, _P, _I, _I)
     lib.neeko_read.restype = ctypes.c_double
     return lib
@@ -276,5 +293,74 @@ class NativeStep:
             write=int(write),
         )
         if self.lib.neeko_decode_one(ctypes.byref(m), ctypes.byref(step)):
+            raise MemoryError("native decode step: out of memory")
+        return logits, new_k, new_v
+
+    def batch(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        lora: LoRAInputs | None,
+        write: bool = False,
+        live: int | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """As `StaticDecoder.step` for any rows (fp32 weights): the first `live` are computed.
+
+        Rows past `live` are padding: their logits and keys/values come back zero and the
+        cache is left as it was for them.
+        """
+        m, dec = self.model, self.decoder
+        if dec.weights != "fp32":
+            raise ValueError("the native batch step reads fp32 weights only")
+        slots = int(tokens.shape[0])
+        rows = slots if live is None else live
+        if not 0 < rows <= slots or keys.shape[1] < slots:
+            raise ValueError(f"{rows} live rows of {slots}, cache of {keys.shape[1]} slots")
+        if keys.stride(4) != 1 or values.stride() != keys.stride():
+            raise ValueError("native step needs the cache layout of `StaticDecoder.step`")
+        tokens = tokens[:rows].to(torch.int64).contiguous()
+        positions = positions[:rows].to(torch.int64).contiguous()
+        if int(positions.max()) >= keys.shape[3] or int(positions.min()) < 0:
+            raise ValueError("a position lies outside the cache's columns")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= m.vocab:
+            raise ValueError("a token lies outside the vocabulary")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        logits = torch.zeros(slots, m.vocab)
+        new_k = torch.zeros(m.layers, slots, m.kv_heads, m.head_dim)
+        new_v = torch.zeros_like(new_k)
+        step = _Batch(
+            rows=rows,
+            slots=slots,
+            tokens=tokens.data_ptr(),
+            positions=positions.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            keys=keys.data_ptr(),
+            values=values.data_ptr(),
+            layer_stride=keys.stride(0),
+            slot_stride=keys.stride(1),
+            head_stride=keys.stride(2),
+            column_stride=keys.stride(3),
+            logits=logits.data_ptr(),
+            new_k=new_k.data_ptr(),
+            new_v=new_v.data_ptr(),
+            write=int(write),
+        )
+        kept = []
+        for i, name in enumerate(PROJECTIONS):
+            if lora is None or name not in dec.targets:
+                continue
+            j = dec.targets.index(name)
+            a, b, w = (t.contiguous() for t in (lora.a[j], lora.b[j], lora.w))
+            if a.shape[1] != slots or b.shape[1] != slots or w.shape[0] != slots:
+                raise ValueError("the blocks' inputs must have one row per slot")
+            kept += (a, b, w)
+            slot = step.lora[i]
+            slot.a, slot.b, slot.w, slot.kp = a.data_ptr(), b.data_ptr(), w.data_ptr(), a.shape[2]
+        if self.lib.neeko_decode_batch(ctypes.byref(m), ctypes.byref(step)):
             raise MemoryError("native decode step: out of memory")
         return logits, new_k, new_v

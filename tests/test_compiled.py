@@ -30,10 +30,16 @@ def _pair(base: LoadedModel, config: BankConfig | None = None, weights: str = "f
     return engines
 
 
-@pytest.fixture(scope="module")
-def pair(_tiny_once):
+@pytest.fixture(scope="module", params=["native", "graph"])
+def pair(_tiny_once, request):
+    """Eager and compiled engines; the compiled one's steps run natively (fp32 on the CPU,
+    up to `BATCH_ROWS` rows) or all through the compiled graph (as on CUDA)."""
     eager, compiled = _pair(_tiny_once)
     assert compiled.decoder is not None
+    assert compiled.decoder.native is not None
+    assert compiled.decoder.native_rows >= 16
+    if request.param == "graph":
+        compiled.decoder = StaticDecoder(compiled.loaded, native=False)
     return eager, compiled
 
 

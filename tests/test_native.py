@@ -195,7 +195,9 @@ def test_the_floor_reader_reads_every_float_once():
         native.reader([torch.ones(4, 4).t()], lib)
 
 
-@pytest.mark.parametrize(("use_native", "rows"), [(True, 1), (False, 1), (False, 3)])
+@pytest.mark.parametrize(
+    ("use_native", "rows"), [(True, 1), (True, 2), (True, 3), (False, 1), (False, 3)]
+)
 def test_step_stores_the_new_keys_and_values_only_when_asked(tiny, use_native, rows):
     """With `write` the cache gains exactly the returned keys/values at each row's position."""
     dec = StaticDecoder(tiny, compile=False, native=use_native)
@@ -215,3 +217,40 @@ def test_step_stores_the_new_keys_and_values_only_when_asked(tiny, use_native, r
         want_k[:, r, :, p], want_v[:, r, :, p] = new_k[:, r], new_v[:, r]
     assert torch.equal(keys, want_k)
     assert torch.equal(values, want_v)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("all-linear",)])
+@pytest.mark.parametrize(("rows", "live"), [(2, 2), (5, 4), (16, 9), (16, 16), (19, 19)])
+def test_native_batch_step_equals_the_reference_step(tiny, kind, targets, rows, live):
+    """Each live row of a batch of different characters at different positions, as the
+    reference computes it (8- and 16-lane products, several chunks of rows, padding rows)."""
+    dec, bank = _decoder(_model(kind, tiny), targets)
+    gen = torch.Generator().manual_seed(4)
+    columns = 40
+    shape = (dec.n_layers, rows + 1, dec.n_kv, columns, dec.head_dim)  # one slot to spare
+    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    choices = [None, {1: 1.0}, {0: 0.25, 2: 0.75}, {2: 1.0}]
+    gates = [choices[r % len(choices)] for r in range(live)] + [None] * (rows - live)
+    lora = dec.lora_inputs(bank.routing(gates, path="gathered"), rows)
+    tokens = torch.randint(0, dec.embed.shape[0], (rows,), generator=gen)
+    positions = torch.randint(0, columns, (rows,), generator=gen)
+    positions[0] = columns - 1
+    cos, sin = (t[: columns + 1] for t in dec.rope(columns + 1))
+    args = (tokens, positions, keys[:, :rows], values[:, :rows], cos, sin)
+    before_k, before_v = keys.clone(), values.clone()
+    with torch.inference_mode():
+        got = dec.native.batch(*args, lora, write=True, live=live)
+        want = dec._forward(*args, lora.a, lora.b, lora.w)
+    for g, x in zip(got, want, strict=True):
+        assert g.shape == x.shape
+        g, x = (g[:live], x[:live]) if g.dim() == 2 else (g[:, :live], x[:, :live])
+        assert torch.allclose(g, x, atol=2e-5, rtol=1e-4), (g - x).abs().max()
+    assert not got[0][live:].any()  # padding rows are not computed ...
+    for r in range(rows + 1):  # ... nor written: each live row writes its own column only
+        want_k, want_v = before_k[:, r].clone(), before_v[:, r].clone()
+        if r < live:
+            p = int(positions[r])
+            want_k[:, :, p], want_v[:, :, p] = got[1][:, r], got[2][:, r]
+        assert torch.equal(keys[:, r], want_k), r
+        assert torch.equal(values[:, r], want_v), r

@@ -554,3 +554,241 @@ double neeko_read(const float *const *arrays, const int64_t *sizes, int64_t n,
     }
     return total;
 }
+
+/* ---- many rows ----------------------------------------------------------------------
+ *
+ * A decode step of several rows (a batch of turns, each with its own position, cache slot
+ * and blocks) is bound by arithmetic, not by memory, from a handful of rows on: 16 rows do
+ * 16 multiply-adds per weight read. Here each matrix product keeps the rows in the lanes
+ * of a vector: the step's input to a matrix is transposed into (inputs, rows), and one
+ * weight, broadcast, multiplies all rows of a chunk in a single FMA (a tile of TILE output
+ * rows holds TILE accumulators), so no lane sums are needed and every weight is read from
+ * memory once per step. The per-row work between the products (norms, blocks, RoPE,
+ * attention over the row's own cache) is split by rows over the threads. */
+
+typedef struct {
+    int64_t rows;  /* rows computed: the first `rows` of `slots` */
+    int64_t slots; /* rows of the outputs and of the blocks' tensors */
+    const int64_t *tokens, *positions; /* (rows,) */
+    const float *cos, *sin;            /* (positions, head_dim) tables */
+    float *keys, *values; /* row r's cache is slot r: columns [0, position) are valid */
+    int64_t layer_stride, slot_stride, head_stride, column_stride; /* in floats */
+    float *logits;        /* (slots, vocab) */
+    float *new_k, *new_v; /* (layers, slots, kv_heads, head_dim) */
+    int64_t write;        /* nonzero: also store the new keys and values in the cache */
+    Lora lora[N_PROJ];    /* a: (layers, slots, kp, d_in), b: (layers, slots, kp, d_out),
+                           * w: (slots, kp); `a` NULL: no blocks on the projection */
+} Batch;
+
+/* Output rows of a matrix per tile: TILE accumulators, each FMA fed by one broadcast. */
+#ifndef TILE
+#define TILE 8
+#endif
+#ifndef PF_LEVEL
+#define PF_LEVEL 2
+#endif
+
+typedef float vf8 __attribute__((vector_size(32)));
+
+/* y[r * ys + o] = w[o] . x[r] for o in [lo, hi) and r < m, where `xt` holds x transposed
+ * in chunks of VL rows, (chunks, n, VL) (lanes past m are zero), and w is (out, n). */
+#define DEFINE_MATMUL(NAME, VT, VL)                                                          \
+    static void NAME(const float *restrict w, int64_t n, int64_t lo, int64_t hi,            \
+                     const float *restrict xt, int64_t m, float *restrict y, int64_t ys) {  \
+        const int64_t chunks = (m + VL - 1) / VL;                                            \
+        for (int64_t o = lo; o < hi; o += TILE) {                                           \
+            const int64_t t = hi - o < TILE ? hi - o : TILE;                                \
+            const float *wr = w + o * n;                                                     \
+            for (int64_t c = 0; c < chunks; c++) {                                          \
+                const float *xc = xt + c * n * VL;                                          \
+                VT acc[TILE] = {{0}}, xv;                                                   \
+                if (t == TILE) {                                                            \
+                    const float *next = c == 0 && o + 2 * TILE <= hi ? wr + TILE * n : NULL;\
+                    for (int64_t i0 = 0; i0 < n; i0 += LANES) {                             \
+                        const int64_t i1 = i0 + LANES < n ? i0 + LANES : n;                 \
+                        if (next)                                                           \
+                            for (int k = 0; k < TILE; k++)                                  \
+                                __builtin_prefetch(next + k * n + i0, 0, PF_LEVEL);         \
+                        for (int64_t i = i0; i < i1; i++) {                                 \
+                            memcpy(&xv, xc + i * VL, sizeof xv);                            \
+                            for (int k = 0; k < TILE; k++) acc[k] += xv * wr[k * n + i];    \
+                        }                                                                   \
+                    }                                                                       \
+                } else {                                                                    \
+                    for (int64_t i = 0; i < n; i++) {                                       \
+                        memcpy(&xv, xc + i * VL, sizeof xv);                                \
+                        for (int64_t k = 0; k < t; k++) acc[k] += xv * wr[k * n + i];       \
+                    }                                                                       \
+                }                                                                           \
+                const int64_t r0 = c * VL, rn = m - r0 < VL ? m - r0 : VL;                  \
+                for (int64_t r = 0; r < rn; r++)                                            \
+                    for (int64_t k = 0; k < t; k++) y[(r0 + r) * ys + o + k] = acc[k][r];   \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+DEFINE_MATMUL(matmul16, vf, 16)
+DEFINE_MATMUL(matmul8, vf8, 8)
+
+/* x (m, n) row-major into xt (chunks, n, vl), zero past row m. */
+static void transpose_rows(const float *x, int64_t m, int64_t n, int64_t vl, float *xt) {
+    const int64_t chunks = (m + vl - 1) / vl;
+    for (int64_t c = 0; c < chunks; c++) {
+        float *xc = xt + c * n * vl;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t l = 0; l < vl; l++) {
+                const int64_t r = c * vl + l;
+                xc[i * vl + l] = r < m ? x[r * n + i] : 0.0f;
+            }
+    }
+}
+
+/* y (m, out) = x (m, n) times w (out, n) transposed, this thread's share of the outputs;
+ * `xt` is the calling thread's scratch for x transposed. No barrier. */
+static void matmul_rows(const float *w, const float *x, int64_t m, int64_t n, int64_t out,
+                        float *xt, float *y, int64_t ys) {
+    const int64_t vl = m <= 8 ? 8 : 16;
+    transpose_rows(x, m, n, vl, xt);
+    int64_t lo, hi;
+    my_rows(out, &lo, &hi);
+    if (vl == 8)
+        matmul8(w, n, lo, hi, xt, m, y, ys);
+    else
+        matmul16(w, n, lo, hi, xt, m, y, ys);
+}
+
+/* z = w * (A x) for row r's blocks of one projection in one layer. */
+static void lora_in_row(const Lora *l, int64_t layer, int64_t slots, int64_t r, int64_t d_in,
+                        const float *x, float *z) {
+    const float *a = l->a + (layer * slots + r) * l->kp * d_in;
+    for (int64_t j = 0; j < l->kp; j++) z[j] = l->w[r * l->kp + j] * dot(a + j * d_in, x, d_in);
+}
+
+/* y += B z for row r's blocks of one projection in one layer. */
+static void lora_add_row(const Lora *l, int64_t layer, int64_t slots, int64_t r,
+                         int64_t d_out, const float *z, float *y) {
+    const float *b = l->b + (layer * slots + r) * l->kp * d_out;
+    for (int64_t j = 0; j < l->kp; j++)
+        for (int64_t o = 0; o < d_out; o++) y[o] += z[j] * b[j * d_out + o];
+}
+
+/* Returns 0, or -1 if scratch memory could not be allocated. */
+int neeko_decode_batch(const Model *m, const Batch *s) {
+    const int64_t H = m->hidden, D = m->head_dim, NH = m->heads, NKV = m->kv_heads;
+    const int64_t QD = NH * D, KD = NKV * D, QKV = QD + 2 * KD, I = m->inter;
+    const int64_t M = s->rows, S = s->slots, group = NH / NKV;
+    const float scale = 1.0f / sqrtf((float)D);
+    const Lora *L = s->lora;
+    int64_t zn = 0, longest = 0, widest = H > QD ? H : QD;
+    for (int p = 0; p < N_PROJ; p++) zn += L[p].a ? L[p].kp : 0;
+    for (int64_t r = 0; r < M; r++) longest = s->positions[r] > longest ? s->positions[r] : longest;
+    widest = widest > I ? widest : I;
+    /* shared: h, x, the step's rows of qkv, attention, a product's output, gate/up, y, z */
+    const int64_t shared_n = M * (H + H + QKV + QD + H + 2 * I + I + zn);
+    /* per thread: the transposed input of a product, roped q and k, one group's scores,
+     * the heads' attention parts */
+    const int64_t chunks = (M + 15) / 16;
+    const int64_t private_n =
+        chunks * 16 * widest + QD + KD + group * (longest + 1) + NH * (D + 2);
+    float *shared = malloc(sizeof(float) * shared_n);
+    float *private_all = malloc(sizeof(float) * private_n * m->threads);
+    if (!shared || !private_all) {
+        free(shared);
+        free(private_all);
+        return -1;
+    }
+    float *h = shared, *x = h + M * H, *qkv = x + M * H, *attn = qkv + M * QKV;
+    float *tmp = attn + M * QD, *gu = tmp + M * H, *y = gu + M * 2 * I, *zall = y + M * I;
+    for (int64_t r = 0; r < M; r++) memcpy(h + r * H, m->embed + s->tokens[r] * H, sizeof(float) * H);
+
+#pragma omp parallel num_threads(m->threads)
+    {
+        const int tid = omp_get_thread_num();
+        float *xt = private_all + tid * private_n, *qrot = xt + chunks * 16 * widest;
+        float *knew = qrot + QD, *scores = knew + KD, *parts = scores + group * (longest + 1);
+        int64_t r0, r1; /* this thread's rows */
+        my_rows(M, &r0, &r1);
+        int64_t zoff[N_PROJ]; /* where each projection's blocks' inputs sit in a row's z */
+        for (int p = 0, at = 0; p < N_PROJ; p++) {
+            zoff[p] = at;
+            at += L[p].a ? L[p].kp : 0;
+        }
+#define ZROW(p, r) (zall + (r) * zn + zoff[p])
+        for (int64_t layer = 0; layer < m->layers; layer++) {
+            for (int64_t r = r0; r < r1; r++) {
+                rms_norm(h + r * H, m->ln_in[layer], m->eps, H, x + r * H);
+                for (int p = Q; p <= V; p++)
+                    if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
+            }
+#pragma omp barrier
+            matmul_rows(m->qkv[layer].w, x, M, H, QKV, xt, qkv, QKV);
+#pragma omp barrier
+            const float *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
+            for (int64_t r = r0; r < r1; r++) {
+                float *row = qkv + r * QKV;
+                if (bias)
+                    for (int64_t o = 0; o < QKV; o++) row[o] += bias[o];
+                if (L[Q].a) lora_add_row(&L[Q], layer, S, r, QD, ZROW(Q, r), row);
+                if (L[K].a) lora_add_row(&L[K], layer, S, r, KD, ZROW(K, r), row + QD);
+                if (L[V].a) lora_add_row(&L[V], layer, S, r, KD, ZROW(V, r), row + QD + KD);
+                const int64_t pos = s->positions[r];
+                const int64_t start =
+                    m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0;
+                const float *cos = s->cos + pos * D, *sin = s->sin + pos * D;
+                for (int64_t j = 0; j < NH; j++) rope(row + j * D, cos, sin, D, qrot + j * D);
+                for (int64_t g = 0; g < NKV; g++) rope(row + QD + g * D, cos, sin, D, knew + g * D);
+                const float *vnew = row + QD + KD;
+                memcpy(s->new_k + (layer * S + r) * KD, knew, sizeof(float) * KD);
+                memcpy(s->new_v + (layer * S + r) * KD, vnew, sizeof(float) * KD);
+                float *kc = s->keys + layer * s->layer_stride + r * s->slot_stride;
+                float *vc = s->values + layer * s->layer_stride + r * s->slot_stride;
+                for (int64_t g = 0; g < NKV && s->write; g++) {
+                    const int64_t at = g * s->head_stride + pos * s->column_stride;
+                    memcpy(kc + at, knew + g * D, sizeof(float) * D);
+                    memcpy(vc + at, vnew + g * D, sizeof(float) * D);
+                }
+                for (int64_t g = 0; g < NKV; g++)
+                    attend_any(kc + g * s->head_stride, vc + g * s->head_stride,
+                               s->column_stride, pos, qrot + g * group * D, knew + g * D,
+                               vnew + g * D, group, start, pos + 1, scale, scores,
+                               parts + g * group * (D + 2), D);
+                merge_heads(parts, 1, NH, D, attn + r * QD);
+                if (L[O].a) lora_in_row(&L[O], layer, S, r, QD, attn + r * QD, ZROW(O, r));
+            }
+#pragma omp barrier
+            matmul_rows(m->o[layer].w, attn, M, QD, H, xt, tmp, H);
+#pragma omp barrier
+            for (int64_t r = r0; r < r1; r++) {
+                if (L[O].a) lora_add_row(&L[O], layer, S, r, H, ZROW(O, r), tmp + r * H);
+                for (int64_t i = 0; i < H; i++) h[r * H + i] += tmp[r * H + i];
+                rms_norm(h + r * H, m->ln_post[layer], m->eps, H, x + r * H);
+                for (int p = GATE; p <= UP; p++)
+                    if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
+            }
+#pragma omp barrier
+            matmul_rows(m->gate_up[layer].w, x, M, H, 2 * I, xt, gu, 2 * I);
+#pragma omp barrier
+            for (int64_t r = r0; r < r1; r++) {
+                float *g = gu + r * 2 * I, *u = g + I, *yr = y + r * I;
+                if (L[GATE].a) lora_add_row(&L[GATE], layer, S, r, I, ZROW(GATE, r), g);
+                if (L[UP].a) lora_add_row(&L[UP], layer, S, r, I, ZROW(UP, r), u);
+                for (int64_t i = 0; i < I; i++) yr[i] = silu(g[i]) * u[i];
+                if (L[DOWN].a) lora_in_row(&L[DOWN], layer, S, r, I, yr, ZROW(DOWN, r));
+            }
+#pragma omp barrier
+            matmul_rows(m->down[layer].w, y, M, I, H, xt, tmp, H);
+#pragma omp barrier
+            for (int64_t r = r0; r < r1; r++) {
+                if (L[DOWN].a) lora_add_row(&L[DOWN], layer, S, r, H, ZROW(DOWN, r), tmp + r * H);
+                for (int64_t i = 0; i < H; i++) h[r * H + i] += tmp[r * H + i];
+            }
+        }
+#undef ZROW
+        for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, m->norm, m->eps, H, x + r * H);
+#pragma omp barrier
+        matmul_rows(m->head.w, x, M, H, m->vocab, xt, s->logits, m->vocab);
+    }
+    free(shared);
+    free(private_all);
+    return 0;
+}
