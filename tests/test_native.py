@@ -72,8 +72,15 @@ def test_native_step_equals_the_reference_step(tiny, kind, rank, targets, gate):
 @pytest.mark.parametrize("gate", [None, {0: 0.25, 2: 0.75}])
 def test_int8_native_step_equals_the_reference_on_the_dequantized_weights(tiny, kind, gate):
     """int8 weights are widened exactly: the step equals fp32 on weight * row scale."""
-    loaded = _model(kind, tiny)
-    dec, bank = _decoder(loaded, ("q_proj", "v_proj"))
+    q8, dec, bank = _int8_and_dequantized(_model(kind, tiny), ("q_proj", "v_proj"))
+    _check_steps(q8, dec, bank, gate)
+
+
+def _int8_and_dequantized(
+    loaded: LoadedModel, targets: tuple[str, ...]
+) -> tuple[StaticDecoder, StaticDecoder, LoRABank]:
+    """A native int8 step and an fp32 one whose weights are the int8 ones times their scales."""
+    dec, bank = _decoder(loaded, targets)
     q8 = StaticDecoder(loaded, weights="int8", compile=False, native=True)
     assert q8.native is not None
     with torch.no_grad():
@@ -87,7 +94,7 @@ def test_int8_native_step_equals_the_reference_on_the_dequantized_weights(tiny, 
         ):
             assert lin8.weight.dtype == torch.int8
             lin.weight = lin8.weight.float() * lin8.scale.float()[:, None]
-    _check_steps(q8, dec, bank, gate)
+    return q8, dec, bank
 
 
 @pytest.mark.parametrize("head_dim", [16, 18, 64, 128])
@@ -226,6 +233,23 @@ def test_native_batch_step_equals_the_reference_step(tiny, kind, targets, rows, 
     """Each live row of a batch of different characters at different positions, as the
     reference computes it (8- and 16-lane products, several chunks of rows, padding rows)."""
     dec, bank = _decoder(_model(kind, tiny), targets)
+    _check_batch(dec, dec, bank, rows, live)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize(("rows", "live"), [(4, 3), (16, 16), (19, 19)])
+def test_int8_native_batch_step_equals_the_reference_on_the_dequantized_weights(
+    tiny, kind, rows, live
+):
+    q8, dec, bank = _int8_and_dequantized(_model(kind, tiny), ("q_proj", "v_proj"))
+    _check_batch(q8, dec, bank, rows, live)
+
+
+def _check_batch(
+    dec: StaticDecoder, ref: StaticDecoder, bank: LoRABank, rows: int, live: int
+) -> None:
+    """`dec.native.batch` against `ref._forward`: outputs of the live rows, the cache after."""
+    assert dec.native is not None
     gen = torch.Generator().manual_seed(4)
     columns = 40
     shape = (dec.n_layers, rows + 1, dec.n_kv, columns, dec.head_dim)  # one slot to spare
@@ -241,7 +265,7 @@ def test_native_batch_step_equals_the_reference_step(tiny, kind, targets, rows, 
     before_k, before_v = keys.clone(), values.clone()
     with torch.inference_mode():
         got = dec.native.batch(*args, lora, write=True, live=live)
-        want = dec._forward(*args, lora.a, lora.b, lora.w)
+        want = ref._forward(*args, lora.a, lora.b, lora.w)
     for g, x in zip(got, want, strict=True):
         assert g.shape == x.shape
         g, x = (g[:live], x[:live]) if g.dim() == 2 else (g[:, :live], x[:, :live])

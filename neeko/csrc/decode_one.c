@@ -1,4 +1,5 @@
-/* One decode step of a Llama-family model for a single row, on the CPU.
+/* Decode steps of a Llama-family model on the CPU: one row (`neeko_decode_one`) or
+ * several (`neeko_decode_batch`, below).
  *
  * The batch-1 path of neeko.compiled.StaticDecoder: the same arithmetic as its `_forward`
  * (RMSNorm, fused q/k/v with optional bias, RoPE from the model's tables, grouped-query
@@ -584,31 +585,39 @@ typedef struct {
 #ifndef TILE
 #define TILE 8
 #endif
-#ifndef PF_LEVEL
-#define PF_LEVEL 2
-#endif
+
 
 typedef float vf8 __attribute__((vector_size(32)));
 
 /* y[r * ys + o] = w[o] . x[r] for o in [lo, hi) and r < m, where `xt` holds x transposed
- * in chunks of VL rows, (chunks, n, VL) (lanes past m are zero), and w is (out, n). */
+ * in chunks of VL rows, (chunks, n, VL) (lanes past m are zero), and w is (out, n): fp32,
+ * or int8 with row scales, widened a tile at a time into `wide` (TILE * n floats). While
+ * a tile is multiplied, the next tile's rows are fetched ahead, a line of each per 16
+ * inputs. */
 #define DEFINE_MATMUL(NAME, VT, VL)                                                          \
-    static void NAME(const float *restrict w, int64_t n, int64_t lo, int64_t hi,            \
-                     const float *restrict xt, int64_t m, float *restrict y, int64_t ys) {  \
+    static void NAME(const Mat *mat, int64_t n, int64_t lo, int64_t hi,                     \
+                     const float *restrict xt, int64_t m, float *restrict y, int64_t ys,    \
+                     float *restrict wide) {                                                \
         const int64_t chunks = (m + VL - 1) / VL;                                            \
         for (int64_t o = lo; o < hi; o += TILE) {                                           \
             const int64_t t = hi - o < TILE ? hi - o : TILE;                                \
-            const float *wr = w + o * n;                                                     \
+            const float *wr = (const float *)mat->w + o * n, *next = NULL;                  \
+            if (mat->scale) {                                                               \
+                const int8_t *w8 = (const int8_t *)mat->w + o * n;                          \
+                for (int64_t i = 0; i < t * n; i++) wide[i] = (float)w8[i];                 \
+                wr = wide;                                                                  \
+            } else if (o + 2 * TILE <= hi) {                                                \
+                next = wr + TILE * n;                                                       \
+            }                                                                               \
             for (int64_t c = 0; c < chunks; c++) {                                          \
                 const float *xc = xt + c * n * VL;                                          \
                 VT acc[TILE] = {{0}}, xv;                                                   \
                 if (t == TILE) {                                                            \
-                    const float *next = c == 0 && o + 2 * TILE <= hi ? wr + TILE * n : NULL;\
                     for (int64_t i0 = 0; i0 < n; i0 += LANES) {                             \
                         const int64_t i1 = i0 + LANES < n ? i0 + LANES : n;                 \
-                        if (next)                                                           \
+                        if (next && c == 0)                                                 \
                             for (int k = 0; k < TILE; k++)                                  \
-                                __builtin_prefetch(next + k * n + i0, 0, PF_LEVEL);         \
+                                __builtin_prefetch(next + k * n + i0, 0, 1);                \
                         for (int64_t i = i0; i < i1; i++) {                                 \
                             memcpy(&xv, xc + i * VL, sizeof xv);                            \
                             for (int k = 0; k < TILE; k++) acc[k] += xv * wr[k * n + i];    \
@@ -621,8 +630,10 @@ typedef float vf8 __attribute__((vector_size(32)));
                     }                                                                       \
                 }                                                                           \
                 const int64_t r0 = c * VL, rn = m - r0 < VL ? m - r0 : VL;                  \
-                for (int64_t r = 0; r < rn; r++)                                            \
-                    for (int64_t k = 0; k < t; k++) y[(r0 + r) * ys + o + k] = acc[k][r];   \
+                for (int64_t k = 0; k < t; k++) {                                           \
+                    const float sc = mat->scale ? mat->scale[o + k] : 1.0f;                 \
+                    for (int64_t r = 0; r < rn; r++) y[(r0 + r) * ys + o + k] = sc * acc[k][r];\
+                }                                                                           \
             }                                                                               \
         }                                                                                   \
     }
@@ -644,17 +655,17 @@ static void transpose_rows(const float *x, int64_t m, int64_t n, int64_t vl, flo
 }
 
 /* y (m, out) = x (m, n) times w (out, n) transposed, this thread's share of the outputs;
- * `xt` is the calling thread's scratch for x transposed. No barrier. */
-static void matmul_rows(const float *w, const float *x, int64_t m, int64_t n, int64_t out,
-                        float *xt, float *y, int64_t ys) {
+ * `xt` and `wide` are the calling thread's scratch. No barrier. */
+static void matmul_rows(const Mat *w, const float *x, int64_t m, int64_t n, int64_t out,
+                        float *xt, float *wide, float *y, int64_t ys) {
     const int64_t vl = m <= 8 ? 8 : 16;
     transpose_rows(x, m, n, vl, xt);
     int64_t lo, hi;
     my_rows(out, &lo, &hi);
     if (vl == 8)
-        matmul8(w, n, lo, hi, xt, m, y, ys);
+        matmul8(w, n, lo, hi, xt, m, y, ys, wide);
     else
-        matmul16(w, n, lo, hi, xt, m, y, ys);
+        matmul16(w, n, lo, hi, xt, m, y, ys, wide);
 }
 
 /* z = w * (A x) for row r's blocks of one projection in one layer. */
@@ -689,7 +700,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
      * the heads' attention parts */
     const int64_t chunks = (M + 15) / 16;
     const int64_t private_n =
-        chunks * 16 * widest + QD + KD + group * (longest + 1) + NH * (D + 2);
+        chunks * 16 * widest + TILE * widest + QD + KD + group * (longest + 1) + NH * (D + 2);
     float *shared = malloc(sizeof(float) * shared_n);
     float *private_all = malloc(sizeof(float) * private_n * m->threads);
     if (!shared || !private_all) {
@@ -704,7 +715,8 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
 #pragma omp parallel num_threads(m->threads)
     {
         const int tid = omp_get_thread_num();
-        float *xt = private_all + tid * private_n, *qrot = xt + chunks * 16 * widest;
+        float *xt = private_all + tid * private_n, *wide = xt + chunks * 16 * widest;
+        float *qrot = wide + TILE * widest;
         float *knew = qrot + QD, *scores = knew + KD, *parts = scores + group * (longest + 1);
         int64_t r0, r1; /* this thread's rows */
         my_rows(M, &r0, &r1);
@@ -721,7 +733,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                     if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
             }
 #pragma omp barrier
-            matmul_rows(m->qkv[layer].w, x, M, H, QKV, xt, qkv, QKV);
+            matmul_rows(&m->qkv[layer], x, M, H, QKV, xt, wide, qkv, QKV);
 #pragma omp barrier
             const float *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
             for (int64_t r = r0; r < r1; r++) {
@@ -756,7 +768,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                 if (L[O].a) lora_in_row(&L[O], layer, S, r, QD, attn + r * QD, ZROW(O, r));
             }
 #pragma omp barrier
-            matmul_rows(m->o[layer].w, attn, M, QD, H, xt, tmp, H);
+            matmul_rows(&m->o[layer], attn, M, QD, H, xt, wide, tmp, H);
 #pragma omp barrier
             for (int64_t r = r0; r < r1; r++) {
                 if (L[O].a) lora_add_row(&L[O], layer, S, r, H, ZROW(O, r), tmp + r * H);
@@ -766,7 +778,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                     if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
             }
 #pragma omp barrier
-            matmul_rows(m->gate_up[layer].w, x, M, H, 2 * I, xt, gu, 2 * I);
+            matmul_rows(&m->gate_up[layer], x, M, H, 2 * I, xt, wide, gu, 2 * I);
 #pragma omp barrier
             for (int64_t r = r0; r < r1; r++) {
                 float *g = gu + r * 2 * I, *u = g + I, *yr = y + r * I;
@@ -776,7 +788,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                 if (L[DOWN].a) lora_in_row(&L[DOWN], layer, S, r, I, yr, ZROW(DOWN, r));
             }
 #pragma omp barrier
-            matmul_rows(m->down[layer].w, y, M, I, H, xt, tmp, H);
+            matmul_rows(&m->down[layer], y, M, I, H, xt, wide, tmp, H);
 #pragma omp barrier
             for (int64_t r = r0; r < r1; r++) {
                 if (L[DOWN].a) lora_add_row(&L[DOWN], layer, S, r, H, ZROW(DOWN, r), tmp + r * H);
@@ -786,7 +798,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
 #undef ZROW
         for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, m->norm, m->eps, H, x + r * H);
 #pragma omp barrier
-        matmul_rows(m->head.w, x, M, H, m->vocab, xt, s->logits, m->vocab);
+        matmul_rows(&m->head, x, M, H, m->vocab, xt, wide, s->logits, m->vocab);
     }
     free(shared);
     free(private_all);
