@@ -217,6 +217,7 @@ def run_engine_bench(
         "compiled_tokens_identical": all(tokens_identical.values()),
         "compiled_tokens_identical_by_k": tokens_identical,
         "b1_step": "native" if compiled.decoder and compiled.decoder.native else "graph",
+        "b16_step": _step_kind(compiled, BATCH),
         "lowp": lowp,
         "lowp_vs_fp32_b1": round(med[f"{lowp}_b1"].tok_s / med["compiled_b1"].tok_s, 4),
         "lowp_vs_fp32_k8_b16": round(med[f"{lowp}_k8_b16"].tok_s / med["compiled_k8_b16"].tok_s, 4),
@@ -224,6 +225,7 @@ def run_engine_bench(
             w: round(med[f"{w}_b1"].tok_s / med["compiled_b1"].tok_s, 4) for w in lowps
         },
         "lowp_b1_step": "native" if compiled_lowp[lowp].decoder.native else "graph",
+        "lowp_b16_step": _step_kind(compiled_lowp[lowp], BATCH),
         "read_gb_s": round(read_gb_s, 2),
         "weight_gb": round(weight_gb, 4),
     }
@@ -259,6 +261,16 @@ def _read(buffer: torch.Tensor) -> None:
     _sync(buffer.device)
     buffer.sum()
     _sync(buffer.device)
+
+
+def _step_kind(engine: Engine, rows: int) -> str:
+    """Which decode step a compiled engine runs for `rows` rows: `native` or `graph`."""
+    dec = engine.decoder
+    if dec is None or dec.native is None:
+        return "graph"
+    if rows == 1 or dec.native_rows[0] <= rows <= dec.native_rows[1]:
+        return "native"
+    return "graph"
 
 
 def _weights_reader(compiled: Engine) -> tuple[Callable[[], object] | None, int]:

@@ -65,6 +65,8 @@ def test_bench_engine_json_on_tiny(capsys):
     assert result["lowp_vs_fp32_b1"] == by_weights[result["lowp"]]
     assert result["lowp_b1_step"] == ("native" if result["lowp"] == "int8" else "graph")
     assert result["b1_step"] == "native"  # the C compiler inductor needs builds it too
+    assert result["b16_step"] == "native"
+    assert result["lowp_b16_step"] == ("native" if result["lowp"] == "int8" else "graph")
     assert result["weights_read_gb_s"] > 0
     ratio = result["tok_s_compiled_b1"] / (result["weights_read_gb_s"] / result["weight_gb"])
     # The printed figures are rounded (GB/s to 0.01, GB to 1e-4): a slow, busy machine's
