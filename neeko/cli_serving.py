@@ -36,9 +36,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     worker.add_argument(
         "--decode",
-        choices=("eager", "compiled"),
-        default=os.environ.get("NEEKO_DECODE") or "eager",
-        help="decode step: eager, or compiled (torch.compile; CUDA graphs on a GPU)",
+        choices=("eager", "compiled", "auto"),
+        default=os.environ.get("NEEKO_DECODE") or "auto",
+        help="decode step: eager, compiled (torch.compile; CUDA graphs on a GPU), or auto "
+        "(compiled where the native CPU step runs, else eager)",
     )
     worker.add_argument(
         "--weights",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from neeko import native as native_lib
 from neeko.compiled import (
     LoRAInputs,
     StaticDecoder,
@@ -35,7 +36,9 @@ from neeko.lora import Gate, LoRABank, LoRAPath, Routing
 from neeko.model import LoadedModel
 
 FinishReason = Literal["eos", "stop", "length"]
-DecodeMode = Literal["eager", "compiled"]
+DecodeMode = Literal["eager", "compiled", "auto"]
+"""`auto`: compiled where the native step runs (the CPU, fp32 or int8 weights, a C
+compiler, a model it reproduces), else eager; lower-precision weights always compile."""
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,8 @@ class Engine:
         `path` overrides the bank's way of computing the gated sum (see BankConfig.path).
         `decode="compiled"` decodes with `neeko.compiled.StaticDecoder` (its weights stored
         as `weights`); a model it cannot reproduce falls back to eager, with a warning.
+        `decode="auto"` does so only where the native step runs (see `DecodeMode`), so that
+        no step waits for a graph to compile and CUDA keeps the eager path.
         """
         self.loaded = loaded
         self.path = path
@@ -168,9 +173,17 @@ class Engine:
         """Set to reuse conversations' KV caches across turns (`neeko.kvcache`)."""
         self.decoder: StaticDecoder | None = None
         """The compiled decode step, when `decode="compiled"`."""
-        if decode not in ("eager", "compiled"):
-            raise GenerationError(f"decode must be eager or compiled, got {decode!r}")
-        if decode == "compiled":
+        if decode not in ("eager", "compiled", "auto"):
+            raise GenerationError(f"decode must be eager, compiled or auto, got {decode!r}")
+        if decode == "auto" and weights == "fp32":
+            if loaded.device.type == "cpu" and native_lib.library() is not None:
+                try:
+                    decoder = StaticDecoder(loaded, weights)
+                except UnsupportedModel:
+                    decoder = None
+                if decoder is not None and decoder.native is not None:
+                    self.decoder = decoder
+        elif decode in ("compiled", "auto"):
             try:
                 self.decoder = StaticDecoder(loaded, weights)
             except UnsupportedModel as exc:

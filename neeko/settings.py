@@ -31,9 +31,10 @@ class ChatSettings(_Section):
     """Character store folder; empty means the packaged starter cast."""
     model: str = "default"
     device: str | None = None
-    decode: Literal["eager", "compiled"] = "eager"
-    """The embedded worker's decode step: eager, or compiled (`neeko.compiled`; the first
-    step of each batch size and length bucket compiles for a while, later ones are faster)."""
+    decode: Literal["eager", "compiled", "auto"] = "auto"
+    """The embedded worker's decode step: eager, compiled (`neeko.compiled`; the first
+    step of each batch size and length bucket compiles for a while, later ones are faster),
+    or auto: compiled where the native C step runs (CPU, fp32 or int8), else eager."""
     weights: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
     """Weight storage of the compiled decode step (weight-only; the blocks stay fp32)."""
     history_tokens: int = Field(1536, ge=64)

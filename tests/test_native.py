@@ -186,6 +186,24 @@ def test_without_a_compiler_the_graph_runs(tiny, monkeypatch, caplog):
         native.library.cache_clear()
 
 
+def test_auto_decode_is_the_native_step_where_it_runs_else_eager(tiny, monkeypatch):
+    """`decode="auto"`: native on the CPU; eager without a compiler or for a model the native
+    step does not reproduce (never a graph to compile); lower precision always compiles."""
+    engine = Engine(tiny, None, decode="auto")
+    assert engine.decoder is not None
+    assert engine.decoder.native is not None
+    assert Engine(tiny, None, decode="auto", weights="int4").decoder is not None
+    gelu = copy.deepcopy(tiny.model)
+    gelu.config.hidden_act = "gelu"
+    assert Engine(LoadedModel(gelu, tiny.tokenizer, "tiny"), None, decode="auto").decoder is None
+    monkeypatch.setenv("NEEKO_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert Engine(tiny, None, decode="auto").decoder is None
+    finally:
+        native.library.cache_clear()
+
+
 @pytest.mark.parametrize("weights", ["bf16", "int4"])
 def test_other_lower_precision_weights_keep_the_graph(tiny, weights):
     assert StaticDecoder(tiny, weights=weights, compile=False, native=True).native is None
