@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     demo.add_argument("--max-new-tokens", type=int, default=60)
     demo.add_argument("--store", default=None, help="character store (default: the cast's)")
+    demo.add_argument(
+        "--decode",
+        choices=("eager", "compiled", "auto"),
+        default=os.environ.get("NEEKO_DECODE") or "auto",
+        help="decode step (see `neeko worker --decode`)",
+    )
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
@@ -488,7 +494,7 @@ def _demo(args: argparse.Namespace) -> int:
     store = Path(args.store) if args.store else CAST_STORE
     trained_on = Catalog.open(store).model if (store / "manifest.json").exists() else ""
     if trained_on == args.model:
-        rt = open_runtime(store, args.model, args.device)
+        rt = open_runtime(store, args.model, args.device, decode=args.decode)
     else:
         print(
             f"neeko: {store} holds no blocks for model {args.model!r}, so the cast plays from "
@@ -496,7 +502,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"--store {store}` trains them",
             file=sys.stderr,
         )
-        rt = untrained_cast_runtime(args.model, args.device)
+        rt = untrained_cast_runtime(args.model, args.device, args.decode)
     print(
         f"model: {args.model} on {rt.loaded.device} ({rt.loaded.dtype}); bank: "
         f"{rt.bank.n_blocks} blocks of rank {rt.bank.config.rank} on "

@@ -133,9 +133,13 @@ def empty_runtime(catalog: Catalog, model: str = "default", device: str | None =
     return Runtime(catalog, loaded, bank, Engine(loaded, bank))
 
 
-def untrained_cast_runtime(model: str = "default", device: str | None = None) -> Runtime:
+def untrained_cast_runtime(
+    model: str = "default", device: str | None = None, decode: DecodeMode = "eager"
+) -> Runtime:
     """The starter cast with fresh blocks (the base model until `neeko train --cast`)."""
     rt = empty_runtime(Catalog(), model, device)
+    if decode != "eager":
+        rt.engine = Engine(rt.loaded, rt.bank, decode=decode)
     members = read_cast()
     for member, block in zip(members, rt.bank.add_blocks(len(members)), strict=True):
         rt.slots[rt.catalog.add(member.card, SHARED, "trained").key] = block
