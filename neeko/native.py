@@ -152,6 +152,23 @@ def reader(tensors: list[Tensor], lib: ctypes.CDLL) -> Callable[[], float]:
     return read
 
 
+def _io(
+    keys: Tensor, values: Tensor, logits: Tensor, new_k: Tensor, new_v: Tensor, write: bool
+) -> dict[str, int]:
+    """The cache and output fields shared by `_Step` and `_Batch`."""
+    return {
+        "keys": keys.data_ptr(),
+        "values": values.data_ptr(),
+        "layer_stride": keys.stride(0),
+        "head_stride": keys.stride(2),
+        "column_stride": keys.stride(3),
+        "logits": logits.data_ptr(),
+        "new_k": new_k.data_ptr(),
+        "new_v": new_v.data_ptr(),
+        "write": int(write),
+    }
+
+
 def _cpu() -> str:
     """What `-march=native` depends on: the machine and its CPU flags."""
     flags = ""
@@ -286,15 +303,7 @@ class NativeStep:
             position=position,
             cos=cos_row.data_ptr(),
             sin=sin_row.data_ptr(),
-            keys=keys.data_ptr(),
-            values=values.data_ptr(),
-            layer_stride=keys.stride(0),
-            head_stride=keys.stride(2),
-            column_stride=keys.stride(3),
-            logits=logits.data_ptr(),
-            new_k=new_k.data_ptr(),
-            new_v=new_v.data_ptr(),
-            write=int(write),
+            **_io(keys, values, logits, new_k, new_v, write),
         )
         if self.lib.neeko_decode_one(ctypes.byref(m), ctypes.byref(step)):
             raise MemoryError("native decode step: out of memory")
@@ -343,16 +352,8 @@ class NativeStep:
             positions=positions.data_ptr(),
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
-            keys=keys.data_ptr(),
-            values=values.data_ptr(),
-            layer_stride=keys.stride(0),
             slot_stride=keys.stride(1),
-            head_stride=keys.stride(2),
-            column_stride=keys.stride(3),
-            logits=logits.data_ptr(),
-            new_k=new_k.data_ptr(),
-            new_v=new_v.data_ptr(),
-            write=int(write),
+            **_io(keys, values, logits, new_k, new_v, write),
         )
         kept = []
         for i, name in enumerate(PROJECTIONS):
