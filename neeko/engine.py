@@ -37,8 +37,8 @@ from neeko.model import LoadedModel
 
 FinishReason = Literal["eos", "stop", "length"]
 DecodeMode = Literal["eager", "compiled", "auto"]
-"""`auto`: compiled where the native step runs (the CPU, fp32 or int8 weights, a C
-compiler, a model it reproduces), else eager; lower-precision weights always compile."""
+"""`auto`: with fp32 weights, compiled where the native step runs (the CPU, a C compiler,
+a model it reproduces), else eager; lower-precision weights always compile (they need it)."""
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ class ChatSettings(_Section):
     decode: Literal["eager", "compiled", "auto"] = "auto"
     """The embedded worker's decode step: eager, compiled (`neeko.compiled`; the first
     step of each batch size and length bucket compiles for a while, later ones are faster),
-    or auto: compiled where the native C step runs (CPU, fp32 or int8), else eager."""
+    or auto: compiled where the native C step runs (the CPU), else eager; lower-precision
+    `weights` always compile."""
     weights: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
     """Weight storage of the compiled decode step (weight-only; the blocks stay fp32)."""
     history_tokens: int = Field(1536, ge=64)
