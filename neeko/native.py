@@ -290,8 +290,11 @@ class NativeStep:
         """As `StaticDecoder.step` for one row: logits (1, vocab), new keys and values."""
         m = self.model
         position = int(positions[0])
-        if position >= keys.shape[3] or keys.stride(4) != 1 or values.stride() != keys.stride():
+        if keys.stride(4) != 1 or values.stride() != keys.stride():
             raise ValueError("native step needs the cache layout of `StaticDecoder.step`")
+        token = int(tokens[0])
+        if not 0 <= token < m.vocab or not 0 <= position < keys.shape[3]:
+            raise ValueError(f"token {token} or position {position} out of range")
         if lora is not self._lora_src:
             self._set_lora(lora)
         cos_row, sin_row = cos[position].contiguous(), sin[position].contiguous()
@@ -299,7 +302,7 @@ class NativeStep:
         new_k = torch.empty(m.layers, 1, m.kv_heads, m.head_dim)
         new_v = torch.empty_like(new_k)
         step = _Step(
-            token=int(tokens[0]),
+            token=token,
             position=position,
             cos=cos_row.data_ptr(),
             sin=sin_row.data_ptr(),
@@ -338,9 +341,9 @@ class NativeStep:
         tokens = tokens[:rows].to(torch.int64).contiguous()
         positions = positions[:rows].to(torch.int64).contiguous()
         if int(positions.max()) >= keys.shape[3] or int(positions.min()) < 0:
-            raise ValueError("a position lies outside the cache's columns")
+            raise ValueError("a position is out of range of the cache's columns")
         if int(tokens.min()) < 0 or int(tokens.max()) >= m.vocab:
-            raise ValueError("a token lies outside the vocabulary")
+            raise ValueError("a token is out of range of the vocabulary")
         cos, sin = cos.contiguous(), sin.contiguous()
         logits = torch.zeros(slots, m.vocab)
         new_k = torch.zeros(m.layers, slots, m.kv_heads, m.head_dim)

@@ -296,3 +296,15 @@ def _check_batch(
             want_k[:, :, p], want_v[:, :, p] = got[1][:, r], got[2][:, r]
         assert torch.equal(keys[:, r], want_k), r
         assert torch.equal(values[:, r], want_v), r
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_out_of_range_tokens_and_positions_never_reach_the_c_step(tiny, rows):
+    dec = StaticDecoder(tiny, compile=False, native=True)
+    keys = torch.zeros(dec.n_layers, rows, dec.n_kv, 16, dec.head_dim)
+    vocab = dec.embed.shape[0]
+    for token, position in ((vocab, 3), (-1, 3), (5, 16), (5, -1)):
+        tokens, positions = torch.full((rows,), 5), torch.full((rows,), 3)
+        tokens[-1], positions[-1] = token, position
+        with pytest.raises(ValueError, match="out of range"):
+            dec.step(tokens, positions, keys, torch.zeros_like(keys), None)
