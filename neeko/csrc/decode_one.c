@@ -217,10 +217,12 @@ static void rms_norm(const float *x, const float *weight, float eps, int64_t n, 
     for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
 }
 
-/* z[r] = w[r] * (A[r] . x) for the blocks of one projection in one layer. */
-static void lora_in(const Lora *l, int64_t layer, int64_t d_in, const float *x, float *z) {
-    const float *a = l->a + layer * l->kp * d_in;
-    for (int64_t r = 0; r < l->kp; r++) z[r] = l->w[r] * dot(a + r * d_in, x, d_in);
+/* z[j] = w[j] * (A[j] . x) for row r's blocks of one projection in one layer, where the
+ * blocks' tensors hold `slots` rows (the one-row step passes one). */
+static void lora_in(const Lora *l, int64_t layer, int64_t slots, int64_t r, int64_t d_in,
+                    const float *x, float *z) {
+    const float *a = l->a + (layer * slots + r) * l->kp * d_in;
+    for (int64_t j = 0; j < l->kp; j++) z[j] = l->w[r * l->kp + j] * dot(a + j * d_in, x, d_in);
 }
 
 /* The low-rank term of output `o` of a projection with `d_out` outputs. */
@@ -237,7 +239,7 @@ static inline float lora_out(const Lora *l, int64_t layer, int64_t d_out, const 
  * and its rows' products. */
 static void add_projection(const Mat *w, const float *x, int64_t n, const Lora *l,
                            int64_t layer, float *z, float *d, int64_t out, float *h) {
-    if (l->a) lora_in(l, layer, n, x, z);
+    if (l->a) lora_in(l, layer, 1, 0, n, x, z);
     int64_t lo, hi;
     my_rows(out, &lo, &hi);
     rows_dot(w, x, n, lo, hi, d);
@@ -453,7 +455,7 @@ int neeko_decode_one(const Model *m, const Step *s) {
             /* attention: q/k/v with their blocks */
             rms_norm(h, m->ln_in[layer], m->eps, H, x);
             for (int p = Q; p <= V; p++)
-                if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
+                if (L[p].a) lora_in(&L[p], layer, 1, 0, H, x, z[p]);
             const Mat *w = &m->qkv[layer];
             const float *bias = m->qkv_bias ? m->qkv_bias[layer] : NULL;
             int64_t lo, hi;
@@ -499,7 +501,7 @@ int neeko_decode_one(const Model *m, const Step *s) {
             /* MLP: gate and up of one output together, then down */
             rms_norm(h, m->ln_post[layer], m->eps, H, x);
             for (int p = GATE; p <= UP; p++)
-                if (L[p].a) lora_in(&L[p], layer, H, x, z[p]);
+                if (L[p].a) lora_in(&L[p], layer, 1, 0, H, x, z[p]);
             w = &m->gate_up[layer];
             my_rows(I, &lo, &hi);
             rows_dot(w, x, H, lo, hi, y + lo);
@@ -655,7 +657,10 @@ static void transpose_rows(const float *x, int64_t m, int64_t n, int64_t vl, flo
 }
 
 /* y (m, out) = x (m, n) times w (out, n) transposed, this thread's share of the outputs;
- * `xt` and `wide` are the calling thread's scratch. No barrier. */
+ * `xt` and `wide` are the calling thread's scratch. No barrier. Every thread transposes
+ * the whole of x for itself (at most 16 x 1,536 floats per product, against a share of
+ * ~10^5-10^6 FMAs): a shared copy would need a barrier more per product, and threads
+ * writing their rows' lanes into it would share every cache line. */
 static void matmul_rows(const Mat *w, const float *x, int64_t m, int64_t n, int64_t out,
                         float *xt, float *wide, float *y, int64_t ys) {
     const int64_t vl = m <= 8 ? 8 : 16;
@@ -666,13 +671,6 @@ static void matmul_rows(const Mat *w, const float *x, int64_t m, int64_t n, int6
         matmul8(w, n, lo, hi, xt, m, y, ys, wide);
     else
         matmul16(w, n, lo, hi, xt, m, y, ys, wide);
-}
-
-/* z = w * (A x) for row r's blocks of one projection in one layer. */
-static void lora_in_row(const Lora *l, int64_t layer, int64_t slots, int64_t r, int64_t d_in,
-                        const float *x, float *z) {
-    const float *a = l->a + (layer * slots + r) * l->kp * d_in;
-    for (int64_t j = 0; j < l->kp; j++) z[j] = l->w[r * l->kp + j] * dot(a + j * d_in, x, d_in);
 }
 
 /* y += B z for row r's blocks of one projection in one layer. */
@@ -730,7 +728,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
             for (int64_t r = r0; r < r1; r++) {
                 rms_norm(h + r * H, m->ln_in[layer], m->eps, H, x + r * H);
                 for (int p = Q; p <= V; p++)
-                    if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
+                    if (L[p].a) lora_in(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
             }
 #pragma omp barrier
             matmul_rows(&m->qkv[layer], x, M, H, QKV, xt, wide, qkv, QKV);
@@ -765,7 +763,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                                vnew + g * D, group, start, pos + 1, scale, scores,
                                parts + g * group * (D + 2), D);
                 merge_heads(parts, 1, NH, D, attn + r * QD);
-                if (L[O].a) lora_in_row(&L[O], layer, S, r, QD, attn + r * QD, ZROW(O, r));
+                if (L[O].a) lora_in(&L[O], layer, S, r, QD, attn + r * QD, ZROW(O, r));
             }
 #pragma omp barrier
             matmul_rows(&m->o[layer], attn, M, QD, H, xt, wide, tmp, H);
@@ -775,7 +773,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                 for (int64_t i = 0; i < H; i++) h[r * H + i] += tmp[r * H + i];
                 rms_norm(h + r * H, m->ln_post[layer], m->eps, H, x + r * H);
                 for (int p = GATE; p <= UP; p++)
-                    if (L[p].a) lora_in_row(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
+                    if (L[p].a) lora_in(&L[p], layer, S, r, H, x + r * H, ZROW(p, r));
             }
 #pragma omp barrier
             matmul_rows(&m->gate_up[layer], x, M, H, 2 * I, xt, wide, gu, 2 * I);
@@ -785,7 +783,7 @@ int neeko_decode_batch(const Model *m, const Batch *s) {
                 if (L[GATE].a) lora_add_row(&L[GATE], layer, S, r, I, ZROW(GATE, r), g);
                 if (L[UP].a) lora_add_row(&L[UP], layer, S, r, I, ZROW(UP, r), u);
                 for (int64_t i = 0; i < I; i++) yr[i] = silu(g[i]) * u[i];
-                if (L[DOWN].a) lora_in_row(&L[DOWN], layer, S, r, I, yr, ZROW(DOWN, r));
+                if (L[DOWN].a) lora_in(&L[DOWN], layer, S, r, I, yr, ZROW(DOWN, r));
             }
 #pragma omp barrier
             matmul_rows(&m->down[layer], y, M, I, H, xt, wide, tmp, H);
