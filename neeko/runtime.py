@@ -126,20 +126,23 @@ def open_runtime(
     return rt
 
 
-def empty_runtime(catalog: Catalog, model: str = "default", device: str | None = None) -> Runtime:
+def empty_runtime(
+    catalog: Catalog,
+    model: str = "default",
+    device: str | None = None,
+    decode: DecodeMode = "eager",
+) -> Runtime:
     """`model` with an empty bank of `catalog.rank` blocks, for `catalog` (a store to train)."""
     loaded = model_lib.load(model, device=device)
     bank = LoRABank(loaded.model, BankConfig.for_rank(catalog.rank))
-    return Runtime(catalog, loaded, bank, Engine(loaded, bank))
+    return Runtime(catalog, loaded, bank, Engine(loaded, bank, decode=decode))
 
 
 def untrained_cast_runtime(
     model: str = "default", device: str | None = None, decode: DecodeMode = "eager"
 ) -> Runtime:
     """The starter cast with fresh blocks (the base model until `neeko train --cast`)."""
-    rt = empty_runtime(Catalog(), model, device)
-    if decode != "eager":
-        rt.engine = Engine(rt.loaded, rt.bank, decode=decode)
+    rt = empty_runtime(Catalog(), model, device, decode)
     members = read_cast()
     for member, block in zip(members, rt.bank.add_blocks(len(members)), strict=True):
         rt.slots[rt.catalog.add(member.card, SHARED, "trained").key] = block
