@@ -266,11 +266,7 @@ def _read(buffer: torch.Tensor) -> None:
 def _step_kind(engine: Engine, rows: int) -> str:
     """Which decode step a compiled engine runs for `rows` rows: `native` or `graph`."""
     dec = engine.decoder
-    if dec is None or dec.native is None:
-        return "graph"
-    if rows == 1 or dec.native_rows[0] <= rows <= dec.native_rows[1]:
-        return "native"
-    return "graph"
+    return "native" if dec is not None and dec.runs_native(rows) else "graph"
 
 
 def _weights_reader(compiled: Engine) -> tuple[Callable[[], object] | None, int]:

@@ -256,6 +256,11 @@ class StaticDecoder(nn.Module):
         """Steps of several rows run natively (where `native` is set) for row counts in this
         range, inclusive."""
 
+    def runs_native(self, rows: int) -> bool:
+        """Whether a step of `rows` rows runs the native step (else the compiled graph)."""
+        low, high = self.native_rows
+        return self.native is not None and (rows == 1 or low <= rows <= high)
+
     # -- inputs --------------------------------------------------------------------------
 
     def rope(self, length: int) -> tuple[Tensor, Tensor]:
@@ -313,10 +318,9 @@ class StaticDecoder(nn.Module):
         length = int(keys.shape[3]) + 1
         cos, sin = (t[:length] for t in self.rope(length))
         rows = int(tokens.shape[0])
-        if self.native is not None and rows == 1:
-            return self.native(tokens, positions, keys, values, cos, sin, lora, write)
-        if self.native is not None and self.native_rows[0] <= rows <= self.native_rows[1]:
-            return self.native.batch(tokens, positions, keys, values, cos, sin, lora, write, live)
+        if self.native is not None and self.runs_native(rows):
+            args = (tokens, positions, keys, values, cos, sin, lora, write)
+            return self.native(*args) if rows == 1 else self.native.batch(*args, live)
         a, b, w = (lora.a, lora.b, lora.w) if lora is not None else ((), (), None)
         logits, new_k, new_v = self._step(tokens, positions, keys, values, cos, sin, a, b, w)
         if write:
