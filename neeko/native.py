@@ -262,19 +262,32 @@ class NativeStep:
 
     def _set_lora(self, lora: LoRAInputs | None) -> None:
         """Point the model's block slots at row 0 of `lora` (kept until the next gates)."""
+        kept = self._point(self.model.lora, lora, lambda a, b, w: (a[:, 0], b[:, 0], w[0]))
+        self._lora_src, self._lora_kept = lora, kept
+
+    def _point(
+        self,
+        slots: ctypes.Array[_Lora],
+        lora: LoRAInputs | None,
+        pick: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    ) -> list[Tensor]:
+        """Point `slots` (one per projection) at `pick` of each wrapped projection's blocks.
+
+        `pick` takes `lora`'s (a, b, w) and returns what C reads (made contiguous); the
+        other projections point at none. Returns those tensors, to be kept alive.
+        """
         dec, kept = self.decoder, []
         for i, name in enumerate(PROJECTIONS):
-            slot = self.model.lora[i]
+            slot = slots[i]
             if lora is None or name not in dec.targets:
                 slot.a = slot.b = slot.w = None
                 slot.kp = 0
                 continue
             j = dec.targets.index(name)
-            a, b = lora.a[j][:, 0].contiguous(), lora.b[j][:, 0].contiguous()
-            w = lora.w[0].contiguous()
+            a, b, w = (t.contiguous() for t in pick(lora.a[j], lora.b[j], lora.w))
             kept += (a, b, w)
-            slot.a, slot.b, slot.w, slot.kp = a.data_ptr(), b.data_ptr(), w.data_ptr(), a.shape[1]
-        self._lora_src, self._lora_kept = lora, kept
+            slot.a, slot.b, slot.w, slot.kp = a.data_ptr(), b.data_ptr(), w.data_ptr(), a.shape[-2]
+        return kept
 
     def __call__(
         self,
@@ -358,17 +371,12 @@ class NativeStep:
             slot_stride=keys.stride(1),
             **_io(keys, values, logits, new_k, new_v, write),
         )
-        kept = []
-        for i, name in enumerate(PROJECTIONS):
-            if lora is None or name not in dec.targets:
-                continue
-            j = dec.targets.index(name)
-            a, b, w = (t.contiguous() for t in (lora.a[j], lora.b[j], lora.w))
-            if a.shape[1] != slots or b.shape[1] != slots or w.shape[0] != slots:
+        if lora is not None:
+            rows_of = [t.shape[1] for t in (*lora.a, *lora.b)] + [lora.w.shape[0]]
+            if any(n != slots for n in rows_of):
                 raise ValueError("the blocks' inputs must have one row per slot")
-            kept += (a, b, w)
-            slot = step.lora[i]
-            slot.a, slot.b, slot.w, slot.kp = a.data_ptr(), b.data_ptr(), w.data_ptr(), a.shape[2]
+        kept = self._point(step.lora, lora, lambda a, b, w: (a, b, w))  # alive while C reads
         if self.lib.neeko_decode_batch(ctypes.byref(m), ctypes.byref(step)):
             raise MemoryError("native decode step: out of memory")
+        del kept
         return logits, new_k, new_v
